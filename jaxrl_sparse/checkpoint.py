@@ -1,0 +1,207 @@
+"""Orbax checkpoints: step-numbered, atomic, readable without the trainer's code.
+
+Layout (Orbax's own, one `CheckpointManager` directory):
+
+    ckpt_dir/<step>/state/...        the pytree (Orbax PyTree item: OCDBT + tensorstore)
+    ckpt_dir/<step>/metadata/metadata  plain JSON (model config, trainer name, ...)
+
+Orbax writes a step into `ckpt_dir/<step>.orbax-checkpoint-tmp-<n>` and renames it when complete
+(on object stores it writes a commit marker instead), so a half-written step is never listed.
+Every process calls `save`; Orbax coordinates multi-process writes (never gate it on process 0).
+
+Tree convention: a top-level dict whose key `'params'` holds the model tree; trainers add other
+keys (`'opt_state'`, `'step'`, ...). `restore_params` reads only `'params'` (Orbax partial restore),
+which is all the analyzer needs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxrl_sparse.errors import UserError
+
+_STATE = "state"
+_METADATA = "metadata"
+
+
+def _manager(ckpt_dir: str, *, read_only: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        read_only=read_only, create=not read_only, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(
+        os.path.abspath(ckpt_dir), options=options,
+        item_handlers={_STATE: ocp.PyTreeCheckpointHandler(),
+                       _METADATA: ocp.JsonCheckpointHandler()})
+
+
+def _jsonable(metadata: Optional[dict]) -> dict:
+    """Round-trips through JSON so tuples, numpy scalars and dataclass reprs become plain JSON."""
+    def default(o):
+        if isinstance(o, (np.integer,)):
+            return int(o)
+        if isinstance(o, (np.floating,)):
+            return float(o)
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        return str(o)
+    return json.loads(json.dumps(dict(metadata or {}), default=default))
+
+
+def save(ckpt_dir: str, step: int, tree: Any, *, metadata: Optional[dict] = None,
+         overwrite: bool = False) -> str:
+    """Writes `tree` (nested dicts of jax/numpy arrays, any dtype incl. bf16) as step `step`.
+
+    Blocks until the step is committed. Returns the step's directory. `overwrite=True` replaces an
+    existing step; otherwise an existing step is a `UserError`.
+    """
+    step = int(step)
+    with _manager(ckpt_dir, read_only=False) as mngr:
+        if step in mngr.all_steps():
+            if not overwrite:
+                raise UserError(f"checkpoint step {step} already exists in {ckpt_dir}; "
+                                "use another step, a fresh --ckpt_dir, or overwrite=True")
+            mngr.delete(step)
+        mngr.save(step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.PyTreeSave(tree),
+            _METADATA: ocp.args.JsonSave(_jsonable(metadata))}), force=True)
+        mngr.wait_until_finished()
+    return os.path.join(os.path.abspath(ckpt_dir), str(step))
+
+
+def all_steps(ckpt_dir: str) -> List[int]:
+    """Committed steps in `ckpt_dir`, ascending ([] when the directory is absent or empty)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    with _manager(ckpt_dir, read_only=True) as mngr:
+        return sorted(int(s) for s in mngr.all_steps())
+
+
+def latest_step(ckpt_dir: str) -> Optional[int]:
+    steps = all_steps(ckpt_dir)
+    return steps[-1] if steps else None
+
+
+def _resolve_step(ckpt_dir: str, step: Optional[int]) -> int:
+    steps = all_steps(ckpt_dir)
+    if not steps:
+        raise UserError(f"no checkpoints in {ckpt_dir!r}; pass the directory a trainer wrote "
+                        "(it holds step-numbered subfolders)")
+    if step is None:
+        return steps[-1]
+    if int(step) not in steps:
+        raise UserError(f"checkpoint step {step} is not in {ckpt_dir!r}; available steps: "
+                        f"{_short(steps)}")
+    return int(step)
+
+
+def _short(steps: Sequence[int]) -> str:
+    s = list(steps)
+    return ", ".join(map(str, s)) if len(s) <= 12 else (
+        ", ".join(map(str, s[:6])) + ", ..., " + ", ".join(map(str, s[-3:])))
+
+
+def _host_restore_args(meta_tree):
+    """RestoreArgs that give numpy arrays (portable across device topologies) for array leaves."""
+    def one(m):
+        if isinstance(m, ocp.metadata.ArrayMetadata):
+            return ocp.RestoreArgs(restore_type=np.ndarray)
+        return ocp.RestoreArgs()
+    return jax.tree.map(one, meta_tree, is_leaf=lambda x: isinstance(x, ocp.metadata.ArrayMetadata))
+
+
+def tree_metadata(ckpt_dir: str, step: Optional[int] = None) -> Any:
+    """The saved tree's structure with Orbax `ArrayMetadata` leaves (shape, dtype), no data read."""
+    step = _resolve_step(ckpt_dir, step)
+    try:
+        with _manager(ckpt_dir, read_only=True) as mngr:
+            meta = mngr.item_metadata(step)[_STATE]
+    except Exception as e:  # corrupt or partial step folder
+        raise _corrupt(ckpt_dir, step, e) from e
+    if meta is None:
+        raise _corrupt(ckpt_dir, step, "no readable 'state' item")
+    return meta.tree if hasattr(meta, "tree") else meta
+
+
+def _corrupt(ckpt_dir, step, why) -> UserError:
+    why = str(why).strip().splitlines()[0][:300] if str(why).strip() else type(why).__name__
+    return UserError(f"checkpoint step {step} in {ckpt_dir!r} cannot be read ({why}); it is "
+                     "missing files or corrupt: delete that step folder or pick another step")
+
+
+def _subtree(meta: Any, keys: Sequence[str], where: str) -> Dict[str, Any]:
+    """The part of a nested-dict tree under the `/`-joined `keys` (top-level keys or deeper paths)."""
+    out: Dict[str, Any] = {}
+    for key in keys:
+        node, dst = meta, out
+        parts = key.split("/")
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                have = list(node) if isinstance(node, dict) else type(node).__name__
+                raise UserError(f"{where} has no '{'/'.join(parts[:i + 1])}' (keys there: {have}); "
+                                "was it written by jaxrl_sparse.checkpoint.save with a "
+                                "{'params': ...} tree?")
+            node = node[part]
+            if i < len(parts) - 1:
+                dst = dst.setdefault(part, {})
+        dst[parts[-1]] = node
+    return out
+
+
+def restore(ckpt_dir: str, step: Optional[int] = None, target: Any = None, *,
+            keys: Optional[Sequence[str]] = None) -> Any:
+    """Reads a step (default: latest).
+
+    target: None -> numpy arrays (bf16 stays bf16) for the whole tree, or only the parts named by
+      `keys` when given (top-level keys like `'params'` or `/`-joined paths like
+      `'params/lm_head/kernel'`; nothing else is read). Otherwise an abstract tree (`jax.ShapeDtypeStruct`s with `.sharding`,
+      e.g. from `jax.eval_shape` + shardings) or a tree of arrays to match; it may be a subset of
+      the saved tree (e.g. `{'params': ...}`), the rest is not read (Orbax partial restore).
+    """
+    step = _resolve_step(ckpt_dir, step)
+    if target is None:
+        meta = tree_metadata(ckpt_dir, step)
+        if keys is not None:
+            meta = _subtree(meta, keys, f"checkpoint step {step} in {ckpt_dir!r}")
+        args = ocp.args.PyTreeRestore(item=meta, restore_args=_host_restore_args(meta),
+                                      partial_restore=keys is not None)
+    else:
+        args = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)
+    try:
+        with _manager(ckpt_dir, read_only=True) as mngr:
+            return mngr.restore(step, args=ocp.args.Composite(**{_STATE: args}))[_STATE]
+    except UserError:
+        raise
+    except Exception as e:
+        raise _corrupt(ckpt_dir, step, e) from e
+
+
+def restore_params(ckpt_dir: str, step: Optional[int] = None, target: Any = None, *,
+                   paths: Optional[Sequence[str]] = None) -> Any:
+    """Only the `'params'` subtree of a step; `target` is the abstract/array params tree or None.
+
+    paths: with `target=None`, read only these `/`-joined params paths (e.g. the analyzer's tracked
+      kernels); the result is the nested dict holding just them.
+    """
+    if target is None:
+        keys = ("params",) if paths is None else tuple("params/" + p for p in paths)
+        return restore(ckpt_dir, step, keys=keys)["params"]
+    return restore(ckpt_dir, step, {"params": target})["params"]
+
+
+def read_metadata(ckpt_dir: str, step: Optional[int] = None) -> Dict[str, Any]:
+    """The JSON metadata saved with a step (`{}` when none was given)."""
+    step = _resolve_step(ckpt_dir, step)
+    path = os.path.join(ckpt_dir, str(step), _METADATA, "metadata")
+    try:
+        with open(path) as f:  # plain JSON written by Orbax's JsonCheckpointHandler
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise _corrupt(ckpt_dir, step, e) from e

@@ -1,0 +1,325 @@
+"""One Flax Linen decoder for GPT-2, Llama, Qwen2, Gemma 2 and Gemma 3 (text).
+
+Blocks are stacked on a leading layer axis and run with `nn.scan`, so compile time does not grow
+with depth. The KV cache lives in the scan carry and is updated in place with
+`dynamic_update_slice`, so a decode step reads the cache once and writes one slot.
+
+Conventions
+- `tokens [B, T]` int32, `attention_mask [B, T]` (1 = real token, 0 = padding; left padding works).
+- Positions default to `cumsum(mask) - 1` counted from the tokens already in the cache, so a
+  left-padded row starts at position 0 at its first real token.
+- Attention works in "slot" space: slot = index in the cache (or in `tokens` without a cache).
+  Key slot s is visible to query slot q iff s <= q, the key is a real token, and for sliding
+  layers q - s < window. Left padding keeps slot distance == position distance for real tokens.
+- Activation noise (ES node perturbation) is keyed per batch row; see `act_noise_value`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxrl_sparse.models.config import ModelConfig
+
+NOISE_SITES = {"attn": 0, "mlp": 1, "head": 2}
+
+
+class ActNoise(NamedTuple):
+    """Node-perturbation noise: output of site s in layer l of row b gets `scale_s[l] * eps`.
+
+    keys: [B, 2] uint32 raw PRNG key data, one stream per batch row (population member).
+    attn_scale, mlp_scale: [L] float (0 = not perturbed). head_scale: [] float.
+    eps = act_noise_value(keys[b], site, layer, position, dim), regenerable for replay.
+    """
+    keys: jax.Array
+    attn_scale: jax.Array
+    mlp_scale: jax.Array
+    head_scale: jax.Array
+
+
+def act_noise_value(key_data, site: int, layer, positions, dim: int, dtype=jnp.float32):
+    """eps [T, dim] ~ N(0, 1) for one row: key = fold_in(fold_in(fold_in(row_key, site), layer), pos)."""
+    key = jax.random.wrap_key_data(key_data)
+    key = jax.random.fold_in(jax.random.fold_in(key, site), layer)
+    keys = jax.vmap(lambda p: jax.random.fold_in(key, p))(positions)
+    return jax.vmap(lambda k: jax.random.normal(k, (dim,), dtype))(keys)
+
+
+def _add_noise(noise: Optional[ActNoise], site: str, layer, scale, y, positions):
+    """y [B, T, dim] + scale * eps (no-op when noise is None)."""
+    if noise is None:
+        return y
+    eps = jax.vmap(lambda kd, pos: act_noise_value(kd, NOISE_SITES[site], layer, pos, y.shape[-1]))(
+        noise.keys, positions)
+    return (y.astype(jnp.float32) + scale * eps).astype(y.dtype)
+
+
+def _dt(name: str):
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    unit_offset: bool  # Gemma stores w and scales by (1 + w)
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + scale if self.unit_offset else scale)).astype(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, name: str):
+    if cfg.norm_type == "layernorm":
+        return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=_dt(cfg.param_dtype),
+                            name=name)
+    return RMSNorm(cfg.norm_eps, cfg.is_gemma, _dt(cfg.param_dtype), name=name)
+
+
+def _dense(cfg: ModelConfig, features: int, name: Optional[str], bias: bool):
+    return nn.Dense(features, use_bias=bias, dtype=_dt(cfg.dtype), param_dtype=_dt(cfg.param_dtype),
+                    kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+def rope_tables(positions, head_dim: int, theta: float, factor: float = 1.0):
+    """cos, sin [B, T, hd/2] for rotate-half RoPE (HF Llama convention)."""
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    ang = (positions.astype(jnp.float32) / factor)[..., None] * inv
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, N, hd]; rotate-half convention."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def _act(cfg: ModelConfig, x):
+    if cfg.activation == "silu":
+        return jax.nn.silu(x)
+    return jax.nn.gelu(x, approximate=True)
+
+
+class Block(nn.Module):
+    """One transformer block; scanned over layers. Carry: (x, k_cache, v_cache)."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, carry, layer, ctx):
+        cfg = self.cfg
+        x, k_cache, v_cache = carry
+        B, T, D = x.shape
+        H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+        # ---- attention
+        h = make_norm(cfg, "input_norm")(x)
+        attn = AttnParams(cfg, name="attn")
+        q, k, v = attn.qkv(h)  # [B, T, H|K, hd]
+        is_sliding = ctx["sliding"][layer]
+        if cfg.positional == "rope":
+            cos = jnp.where(is_sliding, ctx["cos_local"], ctx["cos"])
+            sin = jnp.where(is_sliding, ctx["sin_local"], ctx["sin"])
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        idx = ctx["cache_index"]
+        k_cache = jax.lax.dynamic_update_slice(
+            k_cache, k.astype(k_cache.dtype)[None], (layer, 0, idx, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(
+            v_cache, v.astype(v_cache.dtype)[None], (layer, 0, idx, 0, 0))
+        keys, vals = k_cache[layer], v_cache[layer]  # [B, S, K, hd]
+        mask = jnp.where(is_sliding, ctx["mask_local"], ctx["mask"])  # [B, T, S]
+        qg = q.reshape(B, T, K, H // K, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype),
+                            preferred_element_type=jnp.float32) * cfg.attn_scale
+        if cfg.attn_logit_softcap:
+            scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+        scores = jnp.where(mask[:, None, None], scores, -1e30)
+        probs = jax.nn.softmax(scores, axis=-1).astype(vals.dtype)
+        o = jnp.einsum("bkgts,bskd->btkgd", probs, vals).reshape(B, T, H * hd).astype(x.dtype)
+        o = attn.out(o)
+        o = _add_noise(ctx["noise"], "attn", layer,
+                       None if ctx["noise"] is None else ctx["noise"].attn_scale[layer], o, ctx["positions"])
+        if cfg.post_norms:
+            o = make_norm(cfg, "post_attn_norm")(o)
+        x = x + o
+
+        # ---- MLP
+        h = make_norm(cfg, "pre_mlp_norm")(x)
+        m = Mlp(cfg, name="mlp")(h)
+        m = _add_noise(ctx["noise"], "mlp", layer,
+                       None if ctx["noise"] is None else ctx["noise"].mlp_scale[layer], m, ctx["positions"])
+        if cfg.post_norms:
+            m = make_norm(cfg, "post_mlp_norm")(m)
+        x = x + m
+        return (x, k_cache, v_cache), None
+
+
+class AttnParams(nn.Module):
+    """Holds q/k/v/o projections (and Gemma 3 q/k norms); the attention math lives in Block."""
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = _dense(cfg, H * hd, None, cfg.qkv_bias)
+        self.k_proj = _dense(cfg, K * hd, None, cfg.qkv_bias)
+        self.v_proj = _dense(cfg, K * hd, None, cfg.qkv_bias)
+        self.o_proj = _dense(cfg, cfg.hidden_size, None, cfg.is_gpt2)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.norm_eps, True, _dt(cfg.param_dtype))
+            self.k_norm = RMSNorm(cfg.norm_eps, True, _dt(cfg.param_dtype))
+
+    def qkv(self, h):
+        cfg = self.cfg
+        B, T, _ = h.shape
+        q = self.q_proj(h).reshape(B, T, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(h).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(h).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def out(self, o):
+        return self.o_proj(o)
+
+    def __call__(self, h):  # used only so `init` creates every parameter
+        q, k, v = self.qkv(h)
+        return self.out(q.reshape(*h.shape[:2], -1))
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h):
+        cfg = self.cfg
+        if cfg.gated_mlp:
+            g = _dense(cfg, cfg.intermediate_size, "gate_proj", False)(h)
+            u = _dense(cfg, cfg.intermediate_size, "up_proj", False)(h)
+            return _dense(cfg, cfg.hidden_size, "down_proj", False)(_act(cfg, g) * u)
+        u = _dense(cfg, cfg.intermediate_size, "up_proj", True)(h)
+        return _dense(cfg, cfg.hidden_size, "down_proj", True)(_act(cfg, u))
+
+
+class DecoderOutput(NamedTuple):
+    logits: Optional[jax.Array]   # [B, T, V] float32 (None when compute_logits=False)
+    hidden: jax.Array             # [B, T, D] final-normed hidden states
+    cache: Optional[Dict[str, jax.Array]]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Dict[str, jax.Array]:
+    """Empty KV cache: k, v [L, B, S, K, hd]; mask [B, S] (slot holds a real token); index []."""
+    dtype = dtype or _dt(cfg.dtype)
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "mask": jnp.zeros((batch, max_len), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
+
+
+def _attention_masks(cfg: ModelConfig, kv_mask, cache_index, T: int):
+    """[B, T, S] visibility for global and sliding layers (slot space)."""
+    S = kv_mask.shape[1]
+    q_slot = cache_index + jnp.arange(T)[:, None]
+    k_slot = jnp.arange(S)[None, :]
+    causal = k_slot <= q_slot
+    glob = causal[None] & kv_mask[:, None, :]
+    if cfg.sliding_window:
+        local = glob & ((q_slot - k_slot) < cfg.sliding_window)[None]
+    else:
+        local = glob
+    return glob, local
+
+
+class Decoder(nn.Module):
+    """Decoder-only LM. `__call__(tokens, attention_mask, positions, cache, noise)`."""
+    cfg: ModelConfig
+    remat: bool = False  # rematerialise blocks in the backward pass (training large models)
+
+    @nn.compact
+    def __call__(self, tokens, attention_mask=None, positions=None, cache=None,
+                 noise: Optional[ActNoise] = None, compute_logits: bool = True) -> DecoderOutput:
+        cfg = self.cfg
+        B, T = tokens.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), jnp.bool_)
+        attention_mask = attention_mask.astype(jnp.bool_)
+        use_cache = cache is not None
+        if not use_cache:
+            cache = init_cache(cfg, B, T)
+        idx = cache["index"]
+        kv_mask = jax.lax.dynamic_update_slice(cache["mask"], attention_mask, (0, idx))
+        if positions is None:
+            before = jnp.sum(cache["mask"], axis=1, dtype=jnp.int32)[:, None]
+            positions = jnp.maximum(before + jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1, 0)
+
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=_dt(cfg.param_dtype),
+                         embedding_init=nn.initializers.normal(0.02), name="embed")
+        x = embed(tokens).astype(_dt(cfg.dtype))
+        if cfg.is_gemma:  # Gemma scales embeddings by sqrt(D), rounded to the compute dtype as HF does
+            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), _dt(cfg.dtype))
+        if cfg.is_gpt2:
+            pe = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, param_dtype=_dt(cfg.param_dtype),
+                          embedding_init=nn.initializers.normal(0.01), name="pos_embed")
+            x = x + pe(positions).astype(x.dtype)
+
+        glob, local = _attention_masks(cfg, kv_mask, idx, T)
+        ctx = {"mask": glob, "mask_local": local, "positions": positions, "cache_index": idx,
+               "sliding": jnp.asarray(cfg.sliding_layers), "noise": noise}
+        if cfg.positional == "rope":
+            ctx["cos"], ctx["sin"] = rope_tables(positions, cfg.head_dim, cfg.rope_theta,
+                                                 cfg.rope_scaling_factor)
+            local_theta = cfg.rope_local_theta or cfg.rope_theta
+            local_factor = 1.0 if cfg.rope_local_theta else cfg.rope_scaling_factor
+            ctx["cos_local"], ctx["sin_local"] = rope_tables(positions, cfg.head_dim, local_theta, local_factor)
+
+        block = Block
+        if self.remat:
+            block = nn.remat(Block, prevent_cse=False)
+        Stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(0, nn.broadcast), length=cfg.num_layers)
+        (x, k_new, v_new), _ = Stack(cfg, name="layers")(
+            (x, cache["k"], cache["v"]), jnp.arange(cfg.num_layers), ctx)
+        x = make_norm(cfg, "final_norm")(x)
+
+        new_cache = None
+        if use_cache:
+            new_cache = {"k": k_new, "v": v_new, "mask": kv_mask, "index": idx + T}
+        logits = None
+        if compute_logits:
+            if cfg.tie_embeddings:
+                logits = embed.attend(x.astype(_dt(cfg.dtype)))
+            else:
+                logits = _dense(cfg, cfg.vocab_size, "lm_head", False)(x)
+            logits = logits.astype(jnp.float32)
+            if noise is not None:
+                logits = _add_noise(noise, "head", 0, noise.head_scale, logits, positions)
+            if cfg.final_logit_softcap:
+                logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+        return DecoderOutput(logits, x, new_cache)
+
+
+def init_params(cfg: ModelConfig, key, seq_len: int = 4) -> Dict[str, Any]:
+    """Random parameters at the config's real shapes (plain nested dict)."""
+    model = Decoder(cfg)
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    variables = model.init(key, tokens, compute_logits=True)
+    params = jax.tree_util.tree_map(lambda x: x, dict(variables["params"]))
+    return _to_dict(params)
+
+
+def _to_dict(tree):
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        return {k: _to_dict(v) for k, v in tree.items()}
+    return tree
+
+
+def forward(params, cfg: ModelConfig, tokens, attention_mask=None, positions=None, cache=None,
+            noise: Optional[ActNoise] = None, compute_logits: bool = True, remat: bool = False) -> DecoderOutput:
+    """Functional entry point: `Decoder(cfg).apply({'params': params}, ...)`."""
+    return Decoder(cfg, remat=remat).apply({"params": params}, tokens, attention_mask, positions, cache,
+                                           noise, compute_logits)
