@@ -16,6 +16,7 @@ which is all the analyzer needs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -27,6 +28,18 @@ from jaxrl_sparse.errors import UserError
 
 _STATE = "state"
 _METADATA = "metadata"
+
+
+class _QuietReadOnly(logging.Filter):
+    """Drops Orbax's per-manager warnings about read-only managers (we open one per read)."""
+
+    def filter(self, record):
+        msg = record.getMessage()
+        return not ("read_only=True, setting save_interval_steps" in msg
+                    or "Given directory is read only" in msg)
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 def _manager(ckpt_dir: str, *, read_only: bool) -> ocp.CheckpointManager:
@@ -127,7 +140,8 @@ def tree_metadata(ckpt_dir: str, step: Optional[int] = None) -> Any:
 
 
 def _corrupt(ckpt_dir, step, why) -> UserError:
-    why = str(why).strip().splitlines()[0][:300] if str(why).strip() else type(why).__name__
+    why = str(why).strip().splitlines()[0].split(" [tensorstore_spec")[0][:300] if str(why).strip() \
+        else type(why).__name__
     return UserError(f"checkpoint step {step} in {ckpt_dir!r} cannot be read ({why}); it is "
                      "missing files or corrupt: delete that step folder or pick another step")
 

@@ -113,9 +113,14 @@ def updated(w0: jax.Array, wt: jax.Array, view: View) -> jax.Array:
     return jnp.abs(b - a) > view.tau
 
 
-def _row_counts(mask: jax.Array) -> jax.Array:
-    """int32 [rows]: True count per last-axis row (rows = prod(shape[:-1]))."""
-    m = mask.reshape(1, -1) if mask.ndim < 2 else mask.reshape(-1, mask.shape[-1])
+def _updated_stack(w0, wt, views: Tuple[View, ...]) -> jax.Array:
+    """Boolean [V, ...]: `updated` for every view, stacked (XLA fuses it into the reductions)."""
+    return jnp.stack([updated(w0, wt, v) for v in views])
+
+
+def _stack_row_counts(mask: jax.Array) -> jax.Array:
+    """int32 [V, rows] from a boolean [V, ...] (one reduction for all views)."""
+    m = mask.reshape(mask.shape[0], -1, mask.shape[-1] if mask.ndim > 2 else mask[0].size)
     return jnp.sum(m, axis=-1, dtype=jnp.int32)
 
 
@@ -128,31 +133,23 @@ def step_counts(w0: Mapping[str, jax.Array], wt: Mapping[str, jax.Array],
     """
     out = {}
     for k in w0:
-        act, inter = [], []
-        for v in views:
-            ut = updated(w0[k], wt[k], v)
-            uf = updated(w0[k], wf[k], v)
-            act.append(_row_counts(ut))
-            inter.append(_row_counts(ut & uf))
-        out[k] = (jnp.stack(act), jnp.stack(inter))
+        ut = _updated_stack(w0[k], wt[k], views)
+        uf = _updated_stack(w0[k], wf[k], views)
+        out[k] = (_stack_row_counts(ut), _stack_row_counts(ut & uf))
     return out
 
 
 @partial(jax.jit, static_argnames=("views",))
 def overlap_counts(w0a, wfa, w0b, wfb, views: Tuple[View, ...]):
     """Per tracked leaf: (|I1| [V, rows], |I2| [V, rows], |I1 ∩ I2| [V, rows]) of two runs' final
-    subnetworks, each relative to its own base."""
-    out = {}
+    subnetworks, each relative to its own base; and {leaf: bool} whether the two bases are equal."""
+    out, same = {}, {}
     for k in w0a:
-        c1, c2, c12 = [], [], []
-        for v in views:
-            u1 = updated(w0a[k], wfa[k], v)
-            u2 = updated(w0b[k], wfb[k], v)
-            c1.append(_row_counts(u1))
-            c2.append(_row_counts(u2))
-            c12.append(_row_counts(u1 & u2))
-        out[k] = (jnp.stack(c1), jnp.stack(c2), jnp.stack(c12))
-    return out
+        u1 = _updated_stack(w0a[k], wfa[k], views)
+        u2 = _updated_stack(w0b[k], wfb[k], views)
+        out[k] = (_stack_row_counts(u1), _stack_row_counts(u2), _stack_row_counts(u1 & u2))
+        same[k] = jnp.array_equal(w0a[k], w0b[k])
+    return out, same
 
 
 def totals(row_counts: Mapping[str, jax.Array]) -> np.ndarray:

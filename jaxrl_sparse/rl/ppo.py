@@ -1,0 +1,464 @@
+"""PPO with a value head and adaptive KL (TRL 0.8.6 semantics), sparse-update tracking, Orbax.
+
+One iteration (`train`):
+  rollout   queries [B,Q] -> jitted sampler -> responses [B,N] (per-row length in [min,max])
+  reward    decode "query + response" -> sentiment scores [B] * reward_scale
+  forward   one jitted pass: policy log-probs + values, reference log-probs      [B,N]
+  advantage KL-penalised per-token rewards, GAE, whitening (inside the update function)
+  update    ppo_epochs x (B / mini_batch) Adam steps, one compiled function, state donated
+Every iteration's randomness comes from `fold_in(key, step)` and the prompts from
+`fold_in(data_key, step)`, so a resumed run continues exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxrl_sparse import checkpoint
+from jaxrl_sparse.errors import UserError
+from jaxrl_sparse.metrics import MetricsLog, default_workdir, is_writer, plot_curves
+from jaxrl_sparse.models.config import ModelConfig
+from jaxrl_sparse.models.decoder import forward, lm_logits
+from jaxrl_sparse.rl import ppo_math as pm
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """Every knob of a PPO run (the launcher's flags map 1:1 onto these fields)."""
+    # model and reward
+    model: str = "smollm2-135m-instruct"   # registry name, HF id, HF folder or .gguf file
+    reward_model: str = "vader"            # 'vader', or a DistilBERT sequence-classifier folder / HF id
+    reward_scale: float = 1.0              # score = reward_scale * (logit(pos) - logit(neg)) or VADER
+    reward_pos_label: int = 1
+    reward_neg_label: int = 0
+    reward_text: str = "query_response"    # what the reward model reads: query_response | review_response | response
+    param_dtype: str = "float32"           # storage dtype of the policy: float32 | bfloat16
+    compute_dtype: str = "float32"         # activations: float32 | bfloat16
+    master_weights: str = "none"           # 'fp32': fp32 master copy updated by Adam, cast for use
+    # data
+    data: str = "generated"                # generated | imdb | jsonl
+    prompts_file: str = ""                 # JSONL with {"text": ...} (or {"prompt": ...}) when data=jsonl
+    n_prompts: int = 2000                  # size of the generated / loaded prompt pool
+    prompt_words: int = 8                  # first N words of a review go into the query
+    prompt_prefix: str = "Sentiment: positive review."
+    query_len: int = 16                    # queries are left-padded / truncated to this many tokens
+    # sampling
+    top_k: int = 50
+    top_p: float = 0.95
+    temperature: float = 1.0
+    output_min_length: int = 24
+    output_max_length: int = 64
+    # PPO (TRL 0.8.6 names and defaults where the seed did not change them)
+    batch_size: int = 16
+    mini_batch_size: int = 4
+    ppo_epochs: int = 4
+    learning_rate: float = 2e-6
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 0.0             # 0 = no clipping (TRL default None)
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_penalty: str = "kl"                 # kl | abs | mse | full
+    init_kl_coef: float = 0.2
+    adap_kl_ctrl: bool = True
+    target: float = 6.0
+    horizon: float = 10000.0
+    target_kl: float = 1.0
+    early_stopping: bool = False
+    ratio_threshold: float = 10.0
+    whiten_rewards: bool = False
+    use_score_scaling: bool = False
+    use_score_norm: bool = False
+    score_clip: float = 0.0                # 0 = no clipping
+    # run
+    num_updates: int = 600
+    save_ckpt_every: int = 20
+    rank_log_every: int = 20
+    tau: float = 1e-6
+    track_regex: str = ""                  # analysis subset (default attention + MLP + lm_head)
+    update_mask: str = ""                  # train only the masked subnetwork (analyzer's mask file)
+    seed: int = 0
+    workdir: str = ""
+    export_final: bool = True
+    use_wandb: bool = False
+    wandb_project: str = "jaxrl_sparse"
+    log_every: int = 1
+
+    def validate(self) -> "PPOConfig":
+        if self.batch_size % self.mini_batch_size:
+            raise UserError(f"--batch_size={self.batch_size} is not a multiple of "
+                            f"--mini_batch_size={self.mini_batch_size}")
+        if not 0 < self.output_min_length <= self.output_max_length:
+            raise UserError("need 0 < --output_min_length <= --output_max_length")
+        if self.kl_penalty not in pm.KL_KINDS:
+            raise UserError(f"--kl_penalty={self.kl_penalty!r}; choose one of {', '.join(pm.KL_KINDS)}")
+        if self.master_weights not in ("none", "fp32"):
+            raise UserError(f"--master_weights={self.master_weights!r}; choose none or fp32")
+        if self.reward_text not in ("query_response", "review_response", "response"):
+            raise UserError(f"--reward_text={self.reward_text!r}; choose query_response, review_response or response")
+        if self.data not in ("generated", "imdb", "jsonl"):
+            raise UserError(f"--data={self.data!r}; choose generated, imdb or jsonl")
+        if self.data == "jsonl" and not self.prompts_file:
+            raise UserError("--data=jsonl needs --prompts_file=PATH")
+        for name in ("num_updates", "save_ckpt_every", "rank_log_every", "ppo_epochs", "query_len"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        return self
+
+
+# ----------------------------------------------------------------------------- data
+def load_prompt_texts(cfg: PPOConfig) -> List[str]:
+    """The pool of review texts queries are built from (seed: IMDB train split)."""
+    if cfg.prompts_file or cfg.data == "jsonl":
+        from jaxrl_sparse.data.sources import load_jsonl
+        rows = load_jsonl(cfg.prompts_file)
+        texts = [r.get("text", r.get("prompt")) for r in rows]
+        if any(t is None for t in texts):
+            raise UserError(f"{cfg.prompts_file}: every line needs a \"text\" (or \"prompt\") field")
+        return texts[:cfg.n_prompts]
+    if cfg.data == "imdb":
+        from jaxrl_sparse.data.sources import load_imdb
+        from jaxrl_sparse.data.reviews import clean_review
+        return [clean_review(r["text"]) for r in load_imdb("train", limit=cfg.n_prompts)]
+    from jaxrl_sparse.data.reviews import generate_review_openings
+    return generate_review_openings(cfg.n_prompts, seed=cfg.seed)
+
+
+def build_queries(texts: Sequence[str], tokenizer, cfg: PPOConfig):
+    """Query strings and left-padded token ids [P, query_len] (truncated from the left)."""
+    from jaxrl_sparse.data.reviews import ppo_prompt
+    queries = [ppo_prompt(t, cfg.prompt_words, cfg.prompt_prefix) for t in texts]
+    Q = cfg.query_len
+    toks = np.full((len(queries), Q), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros((len(queries), Q), np.int32)
+    for i, q in enumerate(queries):
+        ids = tokenizer(q)["input_ids"][-Q:]
+        toks[i, Q - len(ids):] = ids
+        mask[i, Q - len(ids):] = 1
+    return queries, toks, mask
+
+
+def reward_text(pcfg: PPOConfig, query: str) -> str:
+    """The part of the query the reward model sees before the response (seed: the whole query)."""
+    if pcfg.reward_text == "response":
+        return ""
+    if pcfg.reward_text == "review_response" and pcfg.prompt_prefix and query.startswith(pcfg.prompt_prefix):
+        return query[len(pcfg.prompt_prefix):].lstrip()
+    return query
+
+
+# ----------------------------------------------------------------------------- model pieces
+def value_head_init(hidden_size: int, key) -> Dict[str, jax.Array]:
+    """Linear(D -> 1) like torch's default init (uniform ±1/sqrt(D)), fp32."""
+    bound = 1.0 / np.sqrt(hidden_size)
+    k1, k2 = jax.random.split(key)
+    return {"kernel": jax.random.uniform(k1, (hidden_size, 1), jnp.float32, -bound, bound),
+            "bias": jax.random.uniform(k2, (1,), jnp.float32, -bound, bound)}
+
+
+def response_outputs(model_params, vhead, mcfg: ModelConfig, tokens, mask, Q: int):
+    """Log-probs of response tokens and values at the states that produced them.
+
+    tokens, mask [B, Q+N]; the response starts at Q. Position t predicts token t+1, so the
+    response's log-probs come from positions Q-1 .. Q+N-2 (TRL's `logits[:, :-1]` alignment).
+    Returns logprobs [B,N], values [B,N] (or None without a head), logits [B,N,V].
+    """
+    out = forward(model_params, mcfg, tokens, mask, compute_logits=False)
+    h = out.hidden[:, Q - 1:-1]                               # [B, N, D]
+    logits = lm_logits(model_params, mcfg, h)                 # [B, N, V] f32
+    logprobs = pm.logprobs_from_logits(logits, tokens[:, Q:])
+    values = None
+    if vhead is not None:
+        values = (h.astype(jnp.float32) @ vhead["kernel"].astype(jnp.float32))[..., 0] + vhead["bias"][0]
+    return logprobs, values, logits
+
+
+def _cast_tree(tree, dtype):
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype), tree)
+
+
+def policy_params(trainable, pcfg: PPOConfig):
+    """The decoder parameters the policy runs with (cast from the fp32 master if there is one)."""
+    p = trainable["model"]
+    if pcfg.master_weights == "fp32" and pcfg.param_dtype == "bfloat16":
+        p = _cast_tree(p, jnp.bfloat16)
+    return p
+
+
+def make_optimizer(pcfg: PPOConfig) -> optax.GradientTransformation:
+    parts = []
+    if pcfg.max_grad_norm and pcfg.max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(pcfg.max_grad_norm))
+    parts.append(optax.adam(pcfg.learning_rate, eps=pcfg.adam_eps))
+    return optax.chain(*parts)
+
+
+# ----------------------------------------------------------------------------- jitted steps
+@functools.lru_cache(maxsize=8)
+def make_score_fn(mcfg: ModelConfig, Q: int):
+    """jit: (trainable, ref_params, tokens, mask, resp_mask) -> old logprobs, values, ref logprobs, kl_full."""
+
+    def fn(trainable, ref_params, tokens, mask, pcfg_static):
+        pcfg = pcfg_static
+        pol = policy_params(trainable, pcfg)
+        lp, v, logits = response_outputs(pol, trainable["value_head"], mcfg, tokens, mask, Q)
+        rlp, _, rlogits = response_outputs(ref_params, None, mcfg, tokens, mask, Q)
+        kl = None
+        if pcfg.kl_penalty == "full":
+            kl = pm.kl_penalty(lp, rlp, "full", logits=logits, ref_logits=rlogits)
+        return lp, v, rlp, kl
+
+    return jax.jit(fn, static_argnums=(4,))
+
+
+def compile_key(pcfg: PPOConfig) -> PPOConfig:
+    """The config with run-only fields blanked: equal keys share compiled step functions."""
+    return dataclasses.replace(pcfg, workdir="", num_updates=1, save_ckpt_every=1, rank_log_every=1,
+                               use_wandb=False, update_mask="", seed=0, model="", reward_model="",
+                               prompts_file="", n_prompts=0)
+
+
+@functools.lru_cache(maxsize=8)
+def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int):
+    """jit: (state, batch, key, grad_mask) -> (state, stats). All PPO epochs and mini-batches in one function.
+
+    state = {'trainable': {'model', 'value_head'}, 'opt_state'}; batch holds tokens/mask [B,Q+N],
+    resp_mask, old logprobs, values, advantages, returns [B,N]. Early stopping (TRL: policykl of
+    the epoch's last mini-batch > 1.5 target_kl) skips the remaining epochs with `lax.cond`.
+    """
+    B, mb = pcfg.batch_size, pcfg.mini_batch_size
+    n_mb = B // mb
+    optimizer = make_optimizer(pcfg)
+
+    def loss_fn(trainable, mbatch):
+        pol = policy_params(trainable, pcfg)
+        lp, v, logits = response_outputs(pol, trainable["value_head"], mcfg, mbatch["tokens"],
+                                         mbatch["mask"], Q)
+        return pm.ppo_loss(mbatch["logprobs"], mbatch["values"], lp, v, mbatch["advantages"],
+                           mbatch["returns"], mbatch["resp_mask"], cliprange=pcfg.cliprange,
+                           cliprange_value=pcfg.cliprange_value, vf_coef=pcfg.vf_coef,
+                           ratio_threshold=pcfg.ratio_threshold, logits=logits)
+
+    def apply_grads(state, grads, grad_mask):
+        if grad_mask is not None:
+            grads = {**grads, "model": jax.tree_util.tree_map(
+                lambda g, m: g * m.astype(g.dtype), grads["model"], grad_mask)}
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        # keep storage dtypes (bf16 params stay bf16: the rounding users study)
+        trainable = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), trainable, state["trainable"])
+        return {"trainable": trainable, "opt_state": opt_state}
+
+    def update(state, batch, key, grad_mask):
+        def mb_step(carry, xs):
+            idx, epoch_end = xs
+            state, stop = carry
+            mbatch = jax.tree_util.tree_map(lambda x: x[idx], batch)
+            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"], mbatch)
+            stats["ppo/grad_norm"] = optax.global_norm(grads)
+            new_state = jax.lax.cond(stop, lambda: state, lambda: apply_grads(state, grads, grad_mask))
+            stats["ppo/applied"] = 1.0 - stop.astype(jnp.float32)
+            if pcfg.early_stopping:  # TRL checks at the end of each epoch, on its last mini-batch
+                stop = stop | (epoch_end & (stats["policy/policykl"] > 1.5 * pcfg.target_kl))
+            return (new_state, stop), stats
+
+        perms = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), B).reshape(n_mb, mb)
+                                 for e in range(pcfg.ppo_epochs)])
+        epoch_end = (jnp.arange(pcfg.ppo_epochs * n_mb) % n_mb) == n_mb - 1
+        (state, _), stats = jax.lax.scan(mb_step, (state, jnp.zeros((), jnp.bool_)), (perms, epoch_end))
+        w = stats.pop("ppo/applied")
+        mean = {k: jnp.sum(v * w) / jnp.maximum(jnp.sum(w), 1.0) for k, v in stats.items()}
+        mean["ppo/minibatches_applied"] = jnp.sum(w)
+        return state, mean
+
+    return jax.jit(update, donate_argnums=(0,))
+
+
+def compute_advantages(pcfg: PPOConfig, scores, logprobs, ref_logprobs, values, resp_mask, kl_coef,
+                       kl_full=None):
+    """Rewards with the KL penalty, then GAE and whitening (TRL `compute_rewards` + `compute_advantages`)."""
+    if kl_full is not None:
+        kl = kl_full
+        non_score = -kl_coef * kl
+        rewards = non_score + scores[:, None] * pm.last_token_onehot(resp_mask)
+    else:
+        rewards, non_score, kl = pm.compute_rewards(scores, logprobs, ref_logprobs, resp_mask, kl_coef,
+                                                    pcfg.kl_penalty)
+    adv, returns, vals = pm.gae(rewards, values, resp_mask, pcfg.gamma, pcfg.lam,
+                                whiten_rewards=pcfg.whiten_rewards)
+    stats = {"objective/kl": pm.mean_kl_objective(kl, resp_mask),
+             "objective/kl_coef": kl_coef,
+             "objective/non_score_reward": jnp.mean(jnp.sum(non_score * resp_mask, -1))}
+    return adv, returns, vals, stats
+
+
+compute_advantages = jax.jit(compute_advantages, static_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------- the loop
+def _response_lengths(key, B: int, lo: int, hi: int):
+    """Per-row target response length ~ U{lo..hi} (TRL's LengthSampler)."""
+    return jax.random.randint(key, (B,), lo, hi + 1)
+
+
+def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] = None) -> Dict[str, Any]:
+    """Runs (or resumes) a PPO run in `pcfg.workdir`; returns a summary dict.
+
+    stop_after: stop once this many updates are done in total (tests use it to simulate a kill).
+    """
+    from tqdm.auto import tqdm
+    from jaxrl_sparse.generate import generate
+    from jaxrl_sparse.models import load_model
+    from jaxrl_sparse.rewards.sentiment import make_sentiment_reward
+
+    pcfg = pcfg.validate()
+    workdir = pcfg.workdir or default_workdir("ppo", pcfg.model)
+    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    lm = load_model(pcfg.model, param_dtype=pcfg.param_dtype, dtype=pcfg.compute_dtype)
+    mcfg, tok = lm.config, lm.tokenizer
+    reward_kwargs = {}
+    if pcfg.reward_model.lower() != "vader":
+        reward_kwargs = dict(pos_label=pcfg.reward_pos_label, neg_label=pcfg.reward_neg_label)
+    reward_fn = make_sentiment_reward(pcfg.reward_model, **reward_kwargs)
+    texts = load_prompt_texts(pcfg)
+    if len(texts) < pcfg.batch_size:
+        raise UserError(f"only {len(texts)} prompts for --batch_size={pcfg.batch_size}")
+    queries, q_tok, q_mask = build_queries(texts, tok, pcfg)
+    Q, N, B = pcfg.query_len, pcfg.output_max_length, pcfg.batch_size
+    eos = mcfg.eos_token_id if mcfg.eos_token_id is not None else tok.eos_token_id
+
+    root = jax.random.key(pcfg.seed)
+    k_init, k_data, k_run = jax.random.split(root, 3)
+    ref_params = lm.params
+    if pcfg.master_weights == "fp32" and pcfg.param_dtype == "bfloat16":
+        model_train = _cast_tree(lm.params, jnp.float32)
+    else:  # a separate buffer: the update donates its state, the reference must survive
+        model_train = jax.tree_util.tree_map(jnp.copy, lm.params)
+    trainable = {"model": model_train, "value_head": value_head_init(mcfg.hidden_size, k_init)}
+    optimizer = make_optimizer(pcfg)
+    state = {"trainable": trainable, "opt_state": optimizer.init(trainable)}
+    host = {"kl_coef": float(pcfg.init_kl_coef), "moments": [0.0, 1.0, 1.0, 1e-24]}
+
+    grad_mask = None
+    if pcfg.update_mask:
+        from jaxrl_sparse.analysis.mask import load_update_mask
+        grad_mask = load_update_mask(pcfg.update_mask, model_train)
+
+    log = MetricsLog(workdir, use_wandb=pcfg.use_wandb, wandb_project=pcfg.wandb_project,
+                     run_config=dataclasses.asdict(pcfg))
+    start = 0
+    last = checkpoint.latest_step(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    meta = {"trainer": "ppo", "model": pcfg.model, "model_config": dataclasses.asdict(mcfg),
+            "ppo_config": dataclasses.asdict(pcfg)}
+
+    def save(step):
+        tree = {"params": policy_params(state["trainable"], pcfg), "trainable": state["trainable"],
+                "opt_state": state["opt_state"]}
+        checkpoint.save(ckpt_dir, step, tree, metadata={**meta, "host": host, "step": step},
+                        overwrite=True)
+
+    if last is not None:
+        restored = checkpoint.restore(ckpt_dir, last, {"trainable": state["trainable"],
+                                                       "opt_state": state["opt_state"]})
+        state = {"trainable": restored["trainable"], "opt_state": restored["opt_state"]}
+        host = checkpoint.read_metadata(ckpt_dir, last)["host"]
+        start = last
+        log.truncate_after(last)
+    else:
+        save(0)
+        log.truncate_after(-1)
+
+    score_fn = make_score_fn(mcfg, Q)
+    pkey = compile_key(pcfg)
+    update_fn = make_update_fn(mcfg, compile_key(pcfg), Q)
+    params_0 = ref_params
+    end = pcfg.num_updates if stop_after is None else min(stop_after, pcfg.num_updates)
+    bar = tqdm(range(start, end), initial=start, total=pcfg.num_updates, disable=not (progress and is_writer()),
+               desc="ppo")
+    rewards_hist: List[float] = []
+    for step in bar:
+        t0 = time.perf_counter()
+        k_step = jax.random.fold_in(k_run, step)
+        k_gen, k_len, k_upd = jax.random.split(k_step, 3)
+        idx = np.asarray(jax.random.choice(jax.random.fold_in(k_data, step), len(queries), (B,), replace=False))
+        pol = policy_params(state["trainable"], pcfg)
+        gen = generate(pol, mcfg, jnp.asarray(q_tok[idx]), jnp.asarray(q_mask[idx]), k_gen,
+                       max_new_tokens=N, temperature=pcfg.temperature, top_k=pcfg.top_k,
+                       top_p=pcfg.top_p, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        lengths = _response_lengths(k_len, B, pcfg.output_min_length, N)
+        resp_mask = (gen.mask.astype(bool) & (jnp.arange(N)[None] < lengths[:, None])).astype(jnp.int32)
+        resp_tok = jnp.where(resp_mask > 0, gen.tokens, tok.pad_token_id)
+        resp_np, rmask_np = np.asarray(resp_tok), np.asarray(resp_mask)
+        t1 = time.perf_counter()
+
+        responses = [tok.decode(resp_np[i][rmask_np[i] > 0], skip_special_tokens=True) for i in range(B)]
+        raw = np.asarray(reward_fn([reward_text(pcfg, queries[i]) + r for i, r in zip(idx, responses)]),
+                         np.float32)
+        scores = jnp.asarray(raw * pcfg.reward_scale)
+        moments = pm.RunningMoments(*[jnp.float32(x) for x in host["moments"]])
+        scores, moments = pm.process_scores(scores, moments, use_score_scaling=pcfg.use_score_scaling,
+                                            use_score_norm=pcfg.use_score_norm,
+                                            score_clip=pcfg.score_clip or None)
+        t2 = time.perf_counter()
+
+        tokens = jnp.concatenate([jnp.asarray(q_tok[idx]), resp_tok], axis=1)
+        mask = jnp.concatenate([jnp.asarray(q_mask[idx]), resp_mask], axis=1)
+        lp, values, rlp, kl_full = score_fn(state["trainable"], ref_params, tokens, mask, pkey)
+        resp_f = resp_mask.astype(jnp.float32)
+        adv, returns, vals, adv_stats = compute_advantages(pkey, scores, lp, rlp, values, resp_f,
+                                                           jnp.float32(host["kl_coef"]), kl_full)
+        batch = {"tokens": tokens, "mask": mask, "resp_mask": resp_f, "logprobs": lp, "values": vals,
+                 "advantages": adv, "returns": returns}
+        state, stats = update_fn(state, batch, k_upd, grad_mask)
+        stats = jax.device_get(stats)
+        adv_stats = jax.device_get(adv_stats)
+        t3 = time.perf_counter()
+
+        host["kl_coef"] = float(pm.kl_ctl_step(host["kl_coef"], float(adv_stats["objective/kl"]), B,
+                                               adaptive=pcfg.adap_kl_ctrl, target=pcfg.target,
+                                               horizon=pcfg.horizon))
+        host["moments"] = [float(x) for x in moments]
+        done = step + 1
+        metrics = {"env/reward_mean": float(np.mean(raw)), "env/reward_std": float(np.std(raw)),
+                   "env/score_mean": float(jnp.mean(scores)),
+                   "env/response_len": float(np.mean(rmask_np.sum(1))),
+                   **{k: float(v) for k, v in adv_stats.items()},
+                   **{k: float(v) for k, v in stats.items()},
+                   "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
+                   "time/step": t3 - t0}
+        if done % pcfg.rank_log_every == 0 or done == pcfg.num_updates:
+            from jaxrl_sparse.analysis.ranks import layer_rank_stats
+            metrics.update(layer_rank_stats(policy_params(state["trainable"], pcfg), params_0,
+                                            tau=pcfg.tau, include_regex=pcfg.track_regex or None))
+        log.write(done, metrics)
+        rewards_hist.append(metrics["env/reward_mean"])
+        bar.set_postfix(reward=f"{metrics['env/reward_mean']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        if done % pcfg.save_ckpt_every == 0 or done == pcfg.num_updates:
+            save(done)
+
+    rows = log.read()
+    plots = []
+    if is_writer() and rows:
+        plots.append(plot_curves(rows, ["env/reward_mean", "objective/kl", "objective/kl_coef",
+                                        "rank/global/density"],
+                                 os.path.join(workdir, "ppo_curves.png"), title=f"PPO {pcfg.model}",
+                                 smooth=min(10, max(1, len(rows) // 10))))
+    export_dir = None
+    if pcfg.export_final and end == pcfg.num_updates and is_writer():
+        from jaxrl_sparse.models import export_hf
+        name = os.path.basename(pcfg.model.rstrip("/")).replace(".gguf", "")
+        export_dir = os.path.join(workdir, f"ppo-{name}-sentiment-final")
+        export_hf(export_dir, mcfg, jax.device_get(policy_params(state["trainable"], pcfg)), tok)
+    log.close()
+    return {"workdir": workdir, "ckpt_dir": ckpt_dir, "steps_done": end, "metrics": rows,
+            "export_dir": export_dir, "plots": [p for p in plots if p]}

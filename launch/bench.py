@@ -1,0 +1,41 @@
+"""Benchmark dispatcher: `python -m launch.bench {generate,analyze} [--flags]`.
+
+Each subcommand is a `module:function` taking the remaining argv (a list of strings), imported
+only when chosen, so one benchmark's dependencies never slow or break another.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import List, Optional
+
+from jaxrl_sparse.errors import UserError
+
+COMMANDS = {
+    "generate": "jaxrl_sparse.bench.generate:main",         # sampler throughput vs transformers
+    "analyze": "jaxrl_sparse.analysis.bench_analyze:main",  # sparse-delta / rank analysis
+}
+
+
+def dispatch(argv: List[str]):
+    """Runs COMMANDS[argv[0]] with argv[1:]."""
+    if not argv or argv[0] in ("-h", "--help"):
+        raise UserError(f"usage: python -m launch.bench {{{','.join(COMMANDS)}}} [--flags] "
+                        "(add --help after the name for its flags)")
+    name = argv[0]
+    if name not in COMMANDS:
+        raise UserError(f"unknown benchmark {name!r}; choose one of: {', '.join(COMMANDS)}")
+    module, fn = COMMANDS[name].split(":")
+    return getattr(importlib.import_module(module), fn)(argv[1:])
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    try:
+        dispatch(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""ES: WP / low-rank WP / NP update formulas, noise regeneration, site selection, end-to-end run."""
+import csv
+import dataclasses
+import math
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrl_sparse import tree as tree_lib
+from jaxrl_sparse.models.config import ModelConfig
+from jaxrl_sparse.models.decoder import NOISE_SITES, ActNoise, Block, act_noise_value, forward, init_params
+from jaxrl_sparse.rl import es_math
+from jaxrl_sparse.transforms import perturb
+
+CFG = ModelConfig("llama", 64, 16, 32, 2, 2, 1, 8, tie_embeddings=False).validate()
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.key(0))
+
+
+def test_wp_update_matches_formula_and_noise_regenerates(params):
+    paths = perturb.leaf_paths(params, r"layers/mlp|lm_head")
+    keys = es_math.member_keys(jax.random.key(1), np.array([5, 9, 12], np.uint32))
+    coefs = jnp.array([1.5, -0.5, 0.25])
+    new = jax.jit(lambda p, k, c: es_math.wp_update(p, k, c, 0.1, paths))(params, keys, coefs)
+    flat, fnew = tree_lib.flatten(params), tree_lib.flatten(new)
+    noise = jax.jit(lambda k: perturb.weight_noise(params, k, paths))
+    eps = [noise(keys[n]) for n in range(3)]
+    eps_again = [noise(es_math.member_keys(jax.random.key(1), np.array([s], np.uint32))[0]) for s in (5, 9, 12)]
+    for p in flat:
+        if p in paths:
+            want = flat[p] + 0.1 / 3 * sum(float(coefs[n]) * eps[n][p] for n in range(3))
+            np.testing.assert_allclose(fnew[p], want, rtol=1e-5, atol=1e-6)
+            assert not np.allclose(fnew[p], flat[p])
+            for n in range(3):  # regenerated from the seed alone: bit-identical
+                assert np.array_equal(np.asarray(eps[n][p]), np.asarray(eps_again[n][p]))
+        else:
+            assert np.array_equal(fnew[p], flat[p])
+    # the perturbed member is theta + sigma eps, the master untouched
+    pert = tree_lib.flatten(jax.jit(lambda k: perturb.perturbed_params(params, k, 0.01, paths))(keys[0]))
+    p0 = paths[0]
+    np.testing.assert_allclose(pert[p0], flat[p0] + 0.01 * eps[0][p0], rtol=1e-6, atol=1e-8)
+
+
+def test_iteration_seeds_antithetic_and_zscore():
+    s, sg = es_math.iteration_seeds(jax.random.key(0), 3, 6, antithetic=True)
+    assert list(s[0::2]) == list(s[1::2]) and list(sg) == [1, -1] * 3
+    s2, _ = es_math.iteration_seeds(jax.random.key(0), 3, 6, antithetic=True)
+    assert np.array_equal(s, s2)
+    z = np.asarray(es_math.zscore([0.0, 1.0, 1.0, 2.0]))
+    np.testing.assert_allclose(z, (np.array([0, 1, 1, 2]) - 1) / np.std([0, 1, 1, 2]), rtol=1e-6)
+    assert np.all(np.asarray(es_math.zscore([0.5, 0.5])) == 0)
+
+
+def test_lowrank_update_and_hook_match_explicit_weights(params):
+    paths = perturb.lowrank_paths(params, "")
+    assert "layers/attn/q_proj/kernel" in paths and "lm_head/kernel" in paths
+    assert all(p.endswith("kernel") for p in paths)
+    keys = es_math.member_keys(jax.random.key(2), np.array([3, 4], np.uint32))
+    coefs = jnp.array([1.0, -2.0])
+    r, sigma = 2, 0.3
+    new = tree_lib.flatten(jax.jit(lambda p, k, c: es_math.lowrank_update(p, k, c, 0.5, paths, r))(
+        params, keys, coefs))
+    fac = [jax.jit(lambda k: perturb.lowrank_factors(params, k, paths, r))(keys[n]) for n in range(2)]
+    flat = tree_lib.flatten(params)
+    for p in paths:
+        d = sum(float(coefs[n]) * perturb.lowrank_delta(*fac[n][p]) for n in range(2))
+        np.testing.assert_allclose(new[p], flat[p] + 0.5 / 2 * d, rtol=1e-5, atol=1e-6)
+    # hook: member n's rows decode with W + sigma A_n B_n^T / sqrt(r), all members in one batch
+    tokens = jnp.array([[3, 5, 7, 9], [3, 5, 7, 9], [1, 2, 3, 4], [1, 2, 3, 4]])  # member-major, M=2
+    def hooked(p, k, t):
+        allfac = perturb.population_lowrank_factors(p, k, paths, r)
+        with perturb.lowrank_interceptor(allfac, sigma, 2):
+            return forward(p, CFG, t).logits
+
+    got = jax.jit(hooked)(params, keys, tokens)
+    fwd = jax.jit(lambda p, t: forward(p, CFG, t).logits)
+    for n in range(2):
+        merged = dict(flat)
+        for p in paths:
+            merged[p] = flat[p] + sigma * perturb.lowrank_delta(*fac[n][p])
+        want = fwd(tree_lib.unflatten(merged), tokens[2 * n:2 * n + 2])
+        np.testing.assert_allclose(got[2 * n:2 * n + 2], want, rtol=2e-4, atol=2e-5)
+
+
+def _capture_inputs(params, tokens, mask, noise):
+    """Forward with noise; returns {(site, layer): x [R, T, in]} captured at o_proj / down_proj."""
+    store = {}
+    state = {"layer": None}
+    sites = {("layers", "attn", "o_proj"): "attn", ("layers", "mlp", "down_proj"): "mlp"}
+
+    def icpt(next_fun, args, kwargs, ctx):
+        if isinstance(ctx.module, Block) and ctx.method_name == "__call__":
+            old, state["layer"] = state["layer"], args[1]
+            try:
+                return next_fun(*args, **kwargs)
+            finally:
+                state["layer"] = old
+        if isinstance(ctx.module, nn.Dense) and tuple(ctx.module.path) in sites:
+            site = sites[tuple(ctx.module.path)]
+            jax.debug.callback(lambda l, x, s=site: store.__setitem__((s, int(l)), np.asarray(x)),
+                               state["layer"], args[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(icpt):
+        out = forward(params, CFG, tokens, mask, noise=noise)
+    jax.effects_barrier()
+    return store, np.asarray(out.hidden)
+
+
+@pytest.mark.parametrize("include,last_k", [("attn,mlp,head", 0), ("mlp", 1)])
+def test_np_replay_equals_sum_z_eps_xT(params, include, last_k):
+    R, S = 4, 7
+    tokens = jax.random.randint(jax.random.key(3), (R, S), 0, 64)
+    mask = jnp.ones((R, S), bool).at[0, :2].set(False)           # row 0 left-padded
+    contrib = mask.at[:, -1].set(False)
+    keys = jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(jax.random.key(4), i))(jnp.arange(R)))
+    coef = jnp.array([0.7, -1.1, 0.3, 2.0])
+    scales = perturb.np_scales(CFG, include, last_k, 0.05)
+    delta = jax.jit(lambda p, t, m, c, k, w, s: es_math.np_replay_delta(
+        p, CFG, t, m, c, k, w, s, include, last_k, tok_chunk=3, micro_rows=2))(
+        params, tokens, mask, contrib, keys, coef, scales)
+    xs, hidden = _capture_inputs(params, tokens, mask, ActNoise(keys, *scales))
+    pos = np.maximum(np.cumsum(np.asarray(mask), 1) - 1, 0)
+    w = np.asarray(contrib, np.float32) * np.asarray(coef)[:, None]
+    expect_paths = set(tree_lib.select(params, perturb.np_param_regex(CFG, include)))
+    assert set(delta) == expect_paths
+    layer_on = np.asarray(perturb.np_layer_mask(CFG, last_k))
+    for site, path in (("attn", "layers/attn/o_proj/kernel"), ("mlp", "layers/mlp/down_proj/kernel")):
+        if path not in delta:
+            continue
+        for layer in range(CFG.num_layers):
+            x = xs[(site, layer)]
+            eps = np.stack([np.asarray(act_noise_value(keys[b], NOISE_SITES[site], layer, pos[b], CFG.hidden_size))
+                            for b in range(R)])
+            want = np.einsum("bt,bti,bto->io", w, x, eps) if layer_on[layer] else np.zeros_like(delta[path][layer])
+            np.testing.assert_allclose(delta[path][layer], want, rtol=2e-4, atol=1e-6)
+            assert np.abs(want).max() > 0 or not layer_on[layer]
+    if "lm_head/kernel" in delta:
+        eps = np.stack([np.asarray(act_noise_value(keys[b], 2, 0, pos[b], CFG.vocab_size)) for b in range(R)])
+        want = np.einsum("bt,btd,btv->dv", w, hidden, eps)
+        np.testing.assert_allclose(delta["lm_head/kernel"], want, rtol=2e-4, atol=1e-6)
+
+
+def test_np_selection_exact_modules():
+    cfg4 = CFG.replace(num_layers=4)
+    a, m, h = perturb.np_scales(cfg4, "mlp", 2, 0.01)
+    np.testing.assert_array_equal(a, 0)
+    np.testing.assert_allclose(m, [0, 0, 0.01, 0.01])
+    assert float(h) == 0
+    a, m, h = perturb.np_scales(cfg4, "all", 0, 0.02)
+    np.testing.assert_allclose(a, [0.02] * 4)
+    np.testing.assert_allclose(m, [0.02] * 4)
+    assert float(h) == pytest.approx(0.02)
+    assert perturb.np_param_regex(CFG, "head") == (r"^lm_head/kernel$",)
+    assert perturb.np_param_regex(CFG.replace(tie_embeddings=True), "attn,head") == (
+        r"^layers/attn/o_proj/", r"^embed/embedding$")
+    from jaxrl_sparse.errors import UserError
+    with pytest.raises(UserError):
+        perturb.parse_np_include("ffn")
+    with pytest.raises(UserError):
+        perturb.np_layer_mask(cfg4, 5)
+
+
+def test_np_noise_touches_only_selected_layer_outputs(params):
+    """Noise on mlp of the last block only: layer 0's captured inputs are the clean ones."""
+    tokens = jnp.array([[1, 2, 3, 4, 5]])
+    keys = jax.random.key_data(jax.random.key(5))[None]
+    clean, _ = _capture_inputs(params, tokens, None, None)
+    noisy, _ = _capture_inputs(params, tokens, None, ActNoise(keys, *perturb.np_scales(CFG, "mlp", 1, 0.1)))
+    np.testing.assert_array_equal(clean[("attn", 0)], noisy[("attn", 0)])
+    np.testing.assert_array_equal(clean[("mlp", 0)], noisy[("mlp", 0)])
+    np.testing.assert_array_equal(clean[("attn", 1)], noisy[("attn", 1)])   # noise added after down_proj of layer 1
+    noisy_attn, _ = _capture_inputs(params, tokens, None, ActNoise(keys, *perturb.np_scales(CFG, "attn", 0, 0.1)))
+    assert not np.allclose(clean[("mlp", 0)], noisy_attn[("mlp", 0)])
+
+
+# ----------------------------------------------------------------------------- end to end
+def _preset_config(path, **over):
+    from jaxrl_sparse.rl.es import ESConfig
+    kw = {}
+    fields = {f.name: f for f in dataclasses.fields(ESConfig)}
+    for line in open(path):
+        line = line.strip()
+        if not line.startswith("--"):
+            continue
+        name, _, val = line[2:].partition("=")
+        if not val and name.startswith("no") and name[2:] in fields:
+            kw[name[2:]] = False
+            continue
+        if not val:
+            kw[name] = True
+            continue
+        typ = fields[name].type
+        kw[name] = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true")}.get(typ, str)(val)
+    kw.update(over)
+    return ESConfig(**kw)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", ["es_tiny", "es_qwen_gsm8k_wp", "es_qwen_gsm8k_np", "es_smollm2_arith_wp",
+                                  "es_smollm2_arith_np"])
+def test_presets_parse(name):
+    cfg = _preset_config(os.path.join(ROOT, "configs", f"{name}.flags")).validate()
+    assert cfg.resolved_method == ("np" if "np" in name or name == "es_tiny" else "wp")
+
+
+def test_np_include_alone_implies_np():
+    from jaxrl_sparse.rl.es import ESConfig
+    c = ESConfig(np_include="mlp").validate()
+    assert c.resolved_method == "np" and c.resolved_sigma == 0.005 and c.out_dir == "./out_np_gsm8k"
+    assert ESConfig().validate().resolved_sigma == 0.001
+
+
+def _read(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_es_tiny_end_to_end_determinism_and_resume(tmp_path):
+    from jaxrl_sparse.rl import es
+    loaded = es.tiny_random_model(0)
+    cfg = _preset_config(os.path.join(ROOT, "configs", "es_tiny.flags"), export_final=False)
+    full = es.train(dataclasses.replace(cfg, visualization_dir=str(tmp_path / "a")), progress=False, loaded=loaded)
+    again = tmp_path / "b"
+    part = es.train(dataclasses.replace(cfg, visualization_dir=str(again)), progress=False, loaded=loaded,
+                    stop_after=1)
+    assert part["iterations_done"] == 1
+    res = es.train(dataclasses.replace(cfg, visualization_dir=str(again)), progress=False, loaded=loaded)
+    ra, rb = _read(tmp_path / "a" / "reward_history.csv"), _read(again / "reward_history.csv")
+    assert len(ra) == cfg.n_iters * cfg.pop_size and ra == rb
+    assert list(ra[0]) == ["iteration", "candidate_index", "seed", "train_reward"]
+    for p, q in zip(jax.tree_util.tree_leaves(full["params"]), jax.tree_util.tree_leaves(res["params"])):
+        np.testing.assert_array_equal(p, q)
+    assert os.path.exists(tmp_path / "a" / "baseline_completions.txt")
+    assert os.path.exists(tmp_path / "a" / "eval_accuracy.png")
+    ev = _read(tmp_path / "a" / "eval_history.csv")
+    assert [int(r["iteration"]) for r in ev] == [0, 1, 2]

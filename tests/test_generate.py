@@ -1,0 +1,188 @@
+"""The jitted KV-cache sampler against transformers' generate and a teacher-forced forward pass."""
+import functools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from hf_ref import random_hf_model, state_numpy
+from jaxrl_sparse import sampling
+from jaxrl_sparse.errors import UserError
+from jaxrl_sparse.generate import bucket_length, generate
+from jaxrl_sparse.models.config import from_hf_config
+from jaxrl_sparse.models.convert import hf_to_params
+from jaxrl_sparse.models.decoder import ActNoise, forward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B, P, N = 3, 7, 10
+
+
+def _model(family):
+    hf = random_hf_model(family)
+    cfg = from_hf_config(hf.config.to_dict())
+    params = jax.tree_util.tree_map(jnp.asarray, hf_to_params(cfg, state_numpy(hf)))
+    return hf, cfg, params
+
+
+def _prompts(vocab, lengths=(4, 7, 6), seed=0):
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(3, vocab, (len(lengths), P)).astype(np.int32)
+    mask = np.zeros((len(lengths), P), np.int32)
+    for i, n in enumerate(lengths):
+        mask[i, P - n:] = 1
+    return np.where(mask == 1, toks, 0), mask
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _model("llama")
+
+
+def _greedy(params, cfg, toks, mask, **kw):
+    kw = dict(dict(max_new_tokens=N, greedy=True, eos_token_id=[]), **kw)
+    return generate(params, cfg, toks, mask, jax.random.key(0), **kw)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gemma2", "gemma3"])
+def test_greedy_matches_transformers(family):
+    """Left-padded prompts of different lengths: same continuation as HF greedy generate."""
+    import torch
+    hf, cfg, params = _model(family)
+    toks, mask = _prompts(cfg.vocab_size)
+    out = _greedy(params, cfg, toks, mask)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.tensor(toks), attention_mask=torch.tensor(mask), do_sample=False,
+                          max_new_tokens=N, min_new_tokens=N, pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref[:, P:].numpy())
+    assert np.asarray(out.mask).all() and int(out.n_steps) == N
+
+
+def _teacher_forced(params, cfg, toks, mask, out, noise=None):
+    seq = np.concatenate([toks, np.asarray(out.tokens)], axis=1)
+    m = np.concatenate([mask, np.asarray(out.mask)], axis=1)
+    fwd = jax.jit(lambda p, s, m, n: forward(p, cfg, s, m, noise=n).logits)
+    logits = fwd(params, jnp.asarray(seq), jnp.asarray(m), noise)
+    return logits[:, P - 1:P - 1 + N]  # logits predicting response token t
+
+
+def test_logprobs_equal_teacher_forced_pass_with_noise(llama):
+    """Raw and sampling log-probs are those of a teacher-forced forward over prompt + response,
+    with activation noise on (its eps is keyed by absolute position, so the replay matches)."""
+    _, cfg, params = llama
+    toks, mask = _prompts(cfg.vocab_size)
+    L = cfg.num_layers
+    noise = ActNoise(jax.random.key_data(jax.random.split(jax.random.key(5), B)),
+                     jnp.full((L,), 0.3), jnp.linspace(0.1, 0.5, L), jnp.asarray(0.2))
+    kw = dict(temperature=0.7, top_k=20, top_p=0.9, min_new_tokens=3)
+    first = _greedy(params, cfg, toks, mask)
+    eos = int(np.asarray(first.tokens)[0, 4])  # a token the model likes: some rows stop early
+    out = generate(params, cfg, toks, mask, jax.random.key(1), max_new_tokens=N, eos_token_id=eos,
+                   noise=noise, **kw)
+    m = np.asarray(out.mask)
+    assert m[:, :3].all()  # min_new_tokens
+    logits = _teacher_forced(params, cfg, toks, mask, out, noise)
+    tok = jnp.asarray(out.tokens)
+    lp = np.asarray(jnp.take_along_axis(jax.nn.log_softmax(logits), tok[..., None], -1)[..., 0])
+    np.testing.assert_allclose(np.asarray(out.logprobs)[m], lp[m], atol=1e-4)
+    steps = jnp.arange(N)[None, :, None]
+    masked = jnp.where((steps < 3) & (jnp.arange(cfg.vocab_size) == eos), -jnp.inf, logits)
+    proc = sampling.processed_logits(masked.reshape(B * N, -1), temperature=0.7, top_k=20, top_p=0.9)
+    slp = np.asarray(jnp.take_along_axis(jax.nn.log_softmax(proc), tok.reshape(-1, 1), -1)).reshape(B, N)
+    np.testing.assert_allclose(np.asarray(out.sample_logprobs)[m], slp[m], atol=1e-4)
+    assert (np.asarray(out.sample_logprobs)[m] > np.asarray(out.logprobs)[m] - 1e-4).all()  # filtering
+    # masked-out slots are zero / pad
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos
+    assert (np.asarray(out.logprobs)[~m] == 0).all() and (np.asarray(out.tokens)[~m] == pad).all()
+    # deterministic for a key; another key changes the sample
+    again = generate(params, cfg, toks, mask, jax.random.key(1), max_new_tokens=N, eos_token_id=eos,
+                     noise=noise, **kw)
+    np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(out.tokens))
+    other = generate(params, cfg, toks, mask, jax.random.key(2), max_new_tokens=N, eos_token_id=eos,
+                     noise=noise, **kw)
+    assert (np.asarray(other.tokens) != np.asarray(out.tokens)).any()
+
+
+def test_top_k1_equals_greedy_and_eos_stops_rows(llama):
+    _, cfg, params = llama
+    toks, mask = _prompts(cfg.vocab_size)
+    ref = np.asarray(_greedy(params, cfg, toks, mask).tokens)
+    k1 = generate(params, cfg, toks, mask, jax.random.key(9), max_new_tokens=N, top_k=1, eos_token_id=[])
+    np.testing.assert_array_equal(np.asarray(k1.tokens), ref)
+
+    # EOS = every token greedy emits at step 1: each row stops at its first EOS, n_steps < N
+    eos = sorted(set(ref[:, 1].tolist()))
+    out = _greedy(params, cfg, toks, mask, eos_token_id=eos, pad_token_id=1)
+    got, m = np.asarray(out.tokens), np.asarray(out.mask)
+    for b in range(B):
+        stop = min(i for i in range(N) if ref[b, i] in eos) + 1
+        assert int(out.lengths[b]) == stop <= 2
+        np.testing.assert_array_equal(got[b, :stop], ref[b, :stop])
+        assert m[b, :stop].all() and not m[b, stop:].any() and (got[b, stop:] == 1).all()
+    assert int(out.n_steps) == max(int(x) for x in out.lengths) < N
+
+    # min_new_tokens: the same EOS set cannot end a row before 5 tokens
+    out = _greedy(params, cfg, toks, mask, eos_token_id=eos, min_new_tokens=5)
+    got = np.asarray(out.tokens)
+    assert (np.asarray(out.lengths) >= 5).all()
+    assert not np.isin(got[:, :5], eos).any()
+
+
+def test_params_fn_bucketing_and_errors(llama):
+    _, cfg, params = llama
+    toks, mask = _prompts(cfg.vocab_size)
+    scale = lambda p: jax.tree_util.tree_map(lambda x: x * 1.5, p)  # noqa: E731
+    a = _greedy(params, cfg, toks, mask, params_fn=scale)
+    b = _greedy(scale(params), cfg, toks, mask)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    assert (np.asarray(a.tokens) != np.asarray(_greedy(params, cfg, toks, mask).tokens)).any()
+    # extra left padding (same bucket, so no recompile) changes nothing
+    pt, pm = np.pad(toks, ((0, 0), (1, 0))), np.pad(mask, ((0, 0), (1, 0)))
+    np.testing.assert_array_equal(np.asarray(_greedy(params, cfg, pt, pm).tokens),
+                                  np.asarray(_greedy(params, cfg, toks, mask).tokens))
+    assert [bucket_length(p) for p in (1, 8, 9, 64, 65, 130)] == [8, 8, 16, 64, 128, 192]
+    bad = mask.copy()
+    bad[0] = 0
+    with pytest.raises(UserError, match="no tokens"):
+        _greedy(params, cfg, toks, bad)
+    with pytest.raises(UserError, match="left-padded"):
+        _greedy(params, cfg, toks, mask[:, ::-1])
+    with pytest.raises(UserError, match="top_p"):
+        _greedy(params, cfg, toks, mask, top_p=1.5)
+
+
+SHARDED = r"""
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import numpy as np, jax
+from jax.sharding import Mesh
+from test_generate import _prompts
+from jaxrl_sparse.generate import generate
+from jaxrl_sparse.models.config import ModelConfig
+from jaxrl_sparse.models.decoder import init_params
+assert jax.device_count() == 4
+cfg = ModelConfig("qwen2", 96, 32, 48, 2, 4, 2, 8, qkv_bias=True)
+params = init_params(cfg, jax.random.key(0))
+toks, mask = _prompts(cfg.vocab_size, lengths=(4, 7, 6, 2, 5, 7, 1, 3))
+kw = dict(max_new_tokens=8, temperature=0.9, top_p=0.95, eos_token_id=[5, 7])
+one = generate(params, cfg, toks, mask, jax.random.key(3), mesh=False, **kw)
+four = generate(params, cfg, toks, mask, jax.random.key(3), mesh=Mesh(np.array(jax.devices()), ("data",)), **kw)
+assert len(four.tokens.sharding.device_set) == 4, four.tokens.sharding
+dflt = generate(params, cfg, toks, mask, jax.random.key(3), **kw)  # default mesh: all 4 devices
+for o in (four, dflt):
+    np.testing.assert_array_equal(np.asarray(one.tokens), np.asarray(o.tokens))
+    np.testing.assert_array_equal(np.asarray(one.mask), np.asarray(o.mask))
+    np.testing.assert_allclose(np.asarray(one.logprobs), np.asarray(o.logprobs), atol=1e-5)
+assert len(set(np.asarray(one.tokens).ravel().tolist())) > 4  # really sampled
+print("SHARDED_OK")
+"""
+
+
+def test_sharded_over_four_devices_equals_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    code = SHARDED.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "SHARDED_OK" in r.stdout, r.stderr[-3000:]
