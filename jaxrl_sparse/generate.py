@@ -54,6 +54,7 @@ class SamplerSpec:
     top_p: float = 1.0
     greedy: bool = False
     fixed_length: bool = False
+    layer_unroll: int = 1  # decode step: layers per scan iteration (>1 cuts GPU loop overhead)
     min_new_tokens: int = dataclasses.field(default=0, compare=False)
 
     def validate(self) -> "SamplerSpec":
@@ -65,6 +66,8 @@ class SamplerSpec:
             raise UserError(f"top_k={self.top_k} must be >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.layer_unroll < 1:
+            raise UserError(f"layer_unroll={self.layer_unroll} must be >= 1")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise UserError(f"min_new_tokens={self.min_new_tokens} must be in [0, max_new_tokens]")
         return self
@@ -142,7 +145,7 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
             t, prev, done, cache, (bi, bm, blp, bslp) = c
             alive = ~done
             o = forward(params, cfg, prev[:, None], alive[:, None], positions=(pos0 + t - 1)[:, None],
-                        cache=cache, noise=noise)
+                        cache=cache, noise=noise, unroll=spec.layer_unroll)
             tok, lp, slp = sampling.sample_tokens(o.logits[:, 0], step_keys(t), ban=is_eos & (t < min_new), **kw)
             tok = jnp.where(alive, tok, pad_id)
             upd = lambda b, v: jax.lax.dynamic_update_slice_in_dim(b, v[:, None].astype(b.dtype), t, axis=1)
@@ -208,7 +211,8 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
              min_new_tokens: int = 0, eos_token_id: Union[int, Sequence[int], None] = None,
              pad_token_id: Optional[int] = None, fixed_length: bool = False,
              noise: Optional[ActNoise] = None, params_fn: Optional[Callable[[Any], Any]] = None,
-             mesh: Union[Mesh, None, bool] = None, bucket: bool = True) -> GenerateOutput:
+             mesh: Union[Mesh, None, bool] = None, bucket: bool = True,
+             layer_unroll: Optional[int] = None) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after left-padded prompts [B, P].
 
     key: a PRNG key (typed or raw uint32[2]). eos_token_id: int or list (default cfg's; none = no
@@ -217,12 +221,17 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
     forced replay sees the same eps). params_fn: applied to params inside the jit (e.g. a LoRA
     merge); hashed as a static argument, so pass the same function object to reuse the compile.
     mesh: a Mesh with a 'data' axis; None = all devices when they divide B; False = no sharding.
+    bucket: pad the prompt length up to `bucket_length(P)` (fewer compiles). layer_unroll: layers
+    per iteration of the decode step's layer scan (identical results); default: all layers on
+    accelerators (~10% faster decode steps, a few seconds more compile), 1 on CPU.
     """
     eos = _eos_tuple(eos_token_id, cfg)
+    if layer_unroll is None:
+        layer_unroll = 1 if jax.devices()[0].platform == "cpu" else cfg.num_layers
     pad = pad_token_id if pad_token_id is not None else (
         cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
     spec = SamplerSpec(int(max_new_tokens), float(temperature), int(top_k), float(top_p), bool(greedy),
-                       bool(fixed_length), int(min_new_tokens)).validate()
+                       bool(fixed_length), int(layer_unroll), int(min_new_tokens)).validate()
     check_prompts(prompt_mask, cfg, spec.max_new_tokens)
     tokens = jnp.asarray(prompt_tokens, jnp.int32)
     mask = jnp.asarray(prompt_mask).astype(jnp.bool_)

@@ -67,13 +67,34 @@ def top_p_sorted(sorted_logits, top_p: float):
     return jnp.where(keep, sorted_logits, NEG_INF)
 
 
+def top_k_values(x, k: int, chunk: int = 0):
+    """(values, ids) of the k largest entries of x [B, V], sorted descending, lower id first on ties.
+
+    chunk > 0: two-stage selection (top-k of each `chunk`-wide slice, then top-k of those), which
+    replaces one vocabulary-wide sort per row by many small ones; identical output to `lax.top_k`.
+    """
+    B, V = x.shape
+    if chunk <= 0 or k > chunk or V <= 2 * chunk:
+        vals, ids = jax.lax.top_k(x, k)
+        return vals, ids.astype(jnp.int32)
+    C = -(-V // chunk)
+    xc = jnp.pad(x, ((0, 0), (0, C * chunk - V)), constant_values=NEG_INF).reshape(B, C, chunk)
+    v1, i1 = jax.lax.top_k(xc, k)                                   # [B, C, k]
+    i1 = i1.astype(jnp.int32) + (jnp.arange(C, dtype=jnp.int32) * chunk)[:, None]
+    vals, j = jax.lax.top_k(v1.reshape(B, C * k), k)                # chunk order keeps ties stable
+    return vals, jnp.take_along_axis(i1.reshape(B, C * k), j, axis=-1)
+
+
+TOP_K_CHUNK = 1024  # two-stage top-k slice width (see `top_k_values`); 0 = one `lax.top_k` over V
+
+
 def candidates(logits, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Candidates:
     """Steps 2-4 above on logits [B, V] (after EOS masking) -> Candidates."""
     z = apply_temperature(logits.astype(jnp.float32), temperature)
     V = z.shape[-1]
     if top_k and top_k < V:
-        vals, ids = jax.lax.top_k(z, top_k)  # sorted descending, lower index first on ties
-        return Candidates(top_p_sorted(vals, top_p), ids.astype(jnp.int32))
+        vals, ids = top_k_values(z, top_k, TOP_K_CHUNK)  # sorted descending, lower index first on ties
+        return Candidates(top_p_sorted(vals, top_p), ids)
     if top_p < 1.0:
         iota = jnp.broadcast_to(jnp.arange(V, dtype=jnp.int32), z.shape)
         neg, ids = jax.lax.sort((-z, iota), dimension=-1, num_keys=1, is_stable=True)

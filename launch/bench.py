@@ -1,4 +1,4 @@
-"""Benchmark dispatcher: `python -m launch.bench {generate,analyze} [--flags]`.
+"""Benchmark dispatcher: `python -m launch.bench {generate,ppo,es,grpo,analyze} [--flags]`.
 
 Each subcommand is a `module:function` taking the remaining argv (a list of strings), imported
 only when chosen, so one benchmark's dependencies never slow or break another.
@@ -14,6 +14,9 @@ from jaxrl_sparse.errors import UserError
 COMMANDS = {
     "generate": "jaxrl_sparse.bench.generate:main",         # sampler throughput vs transformers
     "analyze": "jaxrl_sparse.analysis.bench_analyze:main",  # sparse-delta / rank analysis
+    "ppo": "jaxrl_sparse.bench.ppo:main",                   # PPO iteration per phase vs TRL 0.8.6
+    "es": "jaxrl_sparse.bench.es:main",                     # ES iteration: NP / low-rank WP / full-rank WP
+    "grpo": "jaxrl_sparse.bench.grpo:main",                 # GRPO+LoRA rollout tok/s (vs HF), update MFU
 }
 
 

@@ -10,7 +10,7 @@ Tokenization rules: `jaxrl_sparse/score.py`.
 """
 from __future__ import annotations
 
-from absl import flags
+from absl import flags, logging
 
 from jaxrl_sparse.errors import UserError
 from jaxrl_sparse.score import ScoreConfig, score_file
@@ -23,6 +23,7 @@ define_flags_from_config(ScoreConfig, defaults={"model": "smollm2-135m-instruct"
 def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; all options are --flags")
+    logging.set_verbosity(logging.WARNING)  # absl's INFO would echo JAX's backend probing
     for name in ("texts_file", "out"):
         if not flags.FLAGS[name].value:
             raise UserError(f"--{name} is required (python -m launch.score --texts_file=in.jsonl --out=out.jsonl)")

@@ -8,7 +8,7 @@ its preset shape and the output says "shapes only (no weights)".
 """
 from __future__ import annotations
 
-from absl import flags
+from absl import flags, logging
 
 from jaxrl_sparse.errors import UserError
 from launch.common import run_main
@@ -22,6 +22,7 @@ flags.DEFINE_string("param_dtype", "float32", "Storage dtype to show: float32 | 
 def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; all options are --flags")
+    logging.set_verbosity(logging.WARNING)  # absl's INFO would echo JAX's backend probing
     from jaxrl_sparse.models.hub import model_shape
     from jaxrl_sparse.models.shapes import format_table, param_shapes
     cfg, have_weights = model_shape(FLAGS.model)

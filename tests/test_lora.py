@@ -1,4 +1,5 @@
 """LoRA transform: B=0 is the base, unmerged == merged, only adapters get gradients, regex errors."""
+import functools
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -18,9 +19,21 @@ TOK = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 7)), jnp.int32)
 MASK = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1] * 7], jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("dropout", "remat"))
+def lfwd(params, ad, key=None, dropout=0.0, remat=False):
+    """Unmerged LoRA logits on the test batch (jitted: one compile instead of eager op dispatch)."""
+    return lora.lora_forward(params, ad, CFG, TOK, MASK, alpha=8.0, rank=4, dropout=dropout, key=key,
+                             remat=remat).logits
+
+
+@jax.jit
+def fwd(params):
+    return forward(params, CFG, TOK, MASK).logits
+
+
 @pytest.fixture(scope="module")
 def params():
-    return init_params(CFG, jax.random.key(0))
+    return jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0))
 
 
 def _nonzero(adapters, seed=1, scale=0.1):
@@ -58,9 +71,9 @@ def test_target_errors(params):
 def test_b_zero_equals_base(params):
     ad = lora.init_lora(params, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", 4,
                         jax.random.key(1))
-    base = forward(params, CFG, TOK, MASK).logits
-    merged = forward(lora.merge(params, ad, 8.0, 4), CFG, TOK, MASK).logits
-    unmerged = lora.lora_forward(params, ad, CFG, TOK, MASK, alpha=8.0, rank=4).logits
+    base = fwd(params)
+    merged = fwd(lora.merge(params, ad, 8.0, 4))
+    unmerged = lfwd(params, ad)
     np.testing.assert_array_equal(np.asarray(merged), np.asarray(base))
     np.testing.assert_allclose(np.asarray(unmerged), np.asarray(base), atol=1e-6)
 
@@ -76,10 +89,10 @@ def test_unmerged_equals_merged_and_formula(params):
     # untouched leaves are the base's
     np.testing.assert_array_equal(np.asarray(merged["layers"]["attn"]["k_proj"]["kernel"]),
                                   np.asarray(params["layers"]["attn"]["k_proj"]["kernel"]))
-    lm = forward(merged, CFG, TOK, MASK).logits
-    lu = lora.lora_forward(params, ad, CFG, TOK, MASK, alpha=8.0, rank=4).logits
-    lr = lora.lora_forward(params, ad, CFG, TOK, MASK, alpha=8.0, rank=4, remat=True).logits
-    base = forward(params, CFG, TOK, MASK).logits
+    lm = fwd(merged)
+    lu = lfwd(params, ad)
+    lr = lfwd(params, ad, remat=True)
+    base = fwd(params)
     assert float(jnp.abs(lm - base).max()) > 1e-2           # the adapters do something
     np.testing.assert_allclose(np.asarray(lu), np.asarray(lm), atol=2e-5)
     np.testing.assert_allclose(np.asarray(lr), np.asarray(lm), atol=2e-5)
@@ -88,10 +101,10 @@ def test_unmerged_equals_merged_and_formula(params):
 def test_dropout_is_keyed(params):
     ad = _nonzero(lora.init_lora(params, "q_proj,v_proj", 4, jax.random.key(1)), scale=0.5)
     kw = dict(alpha=8.0, rank=4)
-    ref = lora.lora_forward(params, ad, CFG, TOK, MASK, **kw).logits
-    d1 = lora.lora_forward(params, ad, CFG, TOK, MASK, dropout=0.5, key=jax.random.key(3), **kw).logits
-    d2 = lora.lora_forward(params, ad, CFG, TOK, MASK, dropout=0.5, key=jax.random.key(3), **kw).logits
-    d3 = lora.lora_forward(params, ad, CFG, TOK, MASK, dropout=0.5, key=jax.random.key(4), **kw).logits
+    ref = lfwd(params, ad)
+    d1 = lfwd(params, ad, jax.random.key(3), dropout=0.5)
+    d2 = lfwd(params, ad, jax.random.key(3), dropout=0.5)
+    d3 = lfwd(params, ad, jax.random.key(4), dropout=0.5)
     np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
     assert float(jnp.abs(d1 - ref).max()) > 1e-4 and float(jnp.abs(d1 - d3).max()) > 1e-4
     with pytest.raises(ValueError, match="needs a key"):
@@ -101,17 +114,18 @@ def test_dropout_is_keyed(params):
 def test_gradients_reach_only_adapters(params):
     ad = lora.init_lora(params, "q_proj,v_proj", 4, jax.random.key(1))
 
+    @jax.jit
     def loss(base, adapters):
-        return lora.lora_forward(base, adapters, CFG, TOK, MASK, alpha=8.0, rank=4).logits.std()
+        return lfwd(base, adapters).std()
 
-    g_base, g_ad = jax.grad(loss, argnums=(0, 1))(params, ad)
+    g_ad = jax.jit(jax.grad(loss, argnums=1))(params, ad)
     # at init (B = 0) only B moves: dA = s * x^T (dy B^T) = 0
     q = g_ad["layers"]["attn"]["q_proj"]
     assert float(jnp.abs(q["lora_b"]).max()) > 0 and float(jnp.abs(q["lora_a"]).max()) == 0
     # the adapters' structure is exactly the targets; the base only feeds them
     assert set(lora.adapted_kernels(g_ad)) == {"layers/attn/q_proj/kernel", "layers/attn/v_proj/kernel"}
     ad2 = _nonzero(ad)
-    g2 = jax.grad(loss, argnums=1)(params, ad2)
+    g2 = jax.jit(jax.grad(loss, argnums=1))(params, ad2)
     assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree_util.tree_leaves(g2))
     # an optimizer on the adapters tree leaves every base leaf untouched (the trainer's setup)
     import optax
@@ -134,6 +148,7 @@ def test_merge_with_update_mask(params):
 
 def test_merge_rejects_foreign_adapters(params):
     other = ModelConfig("llama", 64, 48, 64, 2, 4, 2, 8)
-    ad = lora.init_lora(init_params(other, jax.random.key(0)), "q_proj", 2, jax.random.key(1))
+    shapes = jax.eval_shape(lambda: init_params(other, jax.random.key(0)))
+    ad = lora.init_lora(shapes, "q_proj", 2, jax.random.key(1))
     with pytest.raises(UserError, match="another model"):
         lora.merge(params, ad, 4.0, 2)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ def tiny_lm(tmp_path_factory):
     src = load_model(str(d / "src"), with_tokenizer=False)
     tok = tiny_tokenizer()
     out = export_hf(str(d / "export"), src.config, src.params, tok)
-    return model, out
+    return model, out, load_model(out)
 
 
 def _hf_logprobs(model, ids, start):
@@ -60,20 +61,21 @@ def test_encode_example_seam():
 
 
 def test_sequence_logprobs_masks(tiny_lm):
-    lm = load_model(tiny_lm[1])
+    lm = tiny_lm[2]
     tokens = jnp.asarray([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]], jnp.int32)
     mask = jnp.asarray([[0, 0, 1, 1, 1, 1], [1] * 6], jnp.int32)
-    lp = np.asarray(sequence_logprobs(lm.params, lm.config, tokens, mask))
+    fn = jax.jit(sequence_logprobs, static_argnums=1)  # one compile for both calls
+    lp = np.asarray(fn(lm.params, lm.config, tokens, mask))
     assert lp.shape == (2, 5)
     assert (lp[0, :2] == 0).all() and (lp[0, 2:] < 0).all() and (lp[1] < 0).all()
     loss = jnp.asarray([[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1]])
-    lp2 = np.asarray(sequence_logprobs(lm.params, lm.config, tokens, mask, loss))
+    lp2 = np.asarray(fn(lm.params, lm.config, tokens, mask, loss))
     np.testing.assert_array_equal(lp2, np.where(np.asarray(loss)[:, 1:] == 1, lp, 0))
     assert bucket_length(1, 64) == 64 and bucket_length(65, 64) == 128
 
 
 def test_launch_score_matches_transformers(tiny_lm, tmp_path):
-    model, folder = tiny_lm
+    model, folder, _ = tiny_lm
     rows = [{"text": "The cat sat on the mat.", "id": 1},
             {"text": " the dog", "prompt": "Q: what? A:"},
             {"text": "the end", "prompt": "I say "},  # seam merge -> separate encoding
@@ -99,9 +101,9 @@ def test_launch_score_matches_transformers(tiny_lm, tmp_path):
 
 
 def test_score_rows_in_process_batches_and_order(tiny_lm):
-    lm = load_model(tiny_lm[1])
+    lm = tiny_lm[2]
     rows = [{"text": "a" * n} for n in (3, 40, 1, 17, 9)]
-    one = score_rows(lm, rows, batch_size=2, bucket=8, progress=False)
+    one = score_rows(lm, rows, batch_size=2, bucket=16, progress=False)
     each = [score_rows(lm, [r], batch_size=1, bucket=64, progress=False)[0] for r in rows]
     for a, b in zip(one, each):  # batching, padding and bucketing do not change results
         assert a["n_tokens"] == b["n_tokens"]

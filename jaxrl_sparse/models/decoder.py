@@ -239,6 +239,7 @@ class Decoder(nn.Module):
     """Decoder-only LM. `__call__(tokens, attention_mask, positions, cache, noise)`."""
     cfg: ModelConfig
     remat: bool = False  # rematerialise blocks in the backward pass (training large models)
+    unroll: int = 1      # layers per scan iteration (decode steps on GPUs: fewer loop trips)
 
     @nn.compact
     def __call__(self, tokens, attention_mask=None, positions=None, cache=None,
@@ -282,7 +283,7 @@ class Decoder(nn.Module):
         if self.remat:
             block = nn.remat(Block, prevent_cse=False)
         Stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(0, nn.broadcast), length=cfg.num_layers)
+                        in_axes=(0, nn.broadcast), length=cfg.num_layers, unroll=self.unroll)
         (x, k_new, v_new), _ = Stack(cfg, name="layers")(
             (x, cache["k"], cache["v"]), jnp.arange(cfg.num_layers), ctx)
         x = make_norm(cfg, "final_norm")(x)
@@ -324,12 +325,13 @@ def _to_dict(tree):
 
 def forward(params, cfg: ModelConfig, tokens, attention_mask=None, positions=None, cache=None,
             noise: Optional[ActNoise] = None, compute_logits: bool = True, remat: bool = False,
-            logits_last: Optional[int] = None) -> DecoderOutput:
+            logits_last: Optional[int] = None, unroll: int = 1) -> DecoderOutput:
     """Functional entry point: `Decoder(cfg).apply({'params': params}, ...)`.
 
     logits_last: when set, logits [B, logits_last, V] for the last slots only (hidden stays [B, T, D]).
+    unroll: layers per iteration of the layer scan (same result; trades compile time for speed).
     """
-    return Decoder(cfg, remat=remat).apply({"params": params}, tokens, attention_mask, positions, cache,
+    return Decoder(cfg, remat=remat, unroll=unroll).apply({"params": params}, tokens, attention_mask, positions, cache,
                                            noise, compute_logits, logits_last)
 
 

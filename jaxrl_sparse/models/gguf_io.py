@@ -165,3 +165,41 @@ def read_gguf(path: str, progress: bool = True) -> Tuple[Dict[str, Any], Dict[st
         import logging
         logging.getLogger(__name__).info("GGUF tensors not used: %s", ", ".join(skipped[:8]))
     return hf, state
+
+
+def read_gguf_cached(path: str, progress: bool = True) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+    """`read_gguf`, with the dequantized fp32 tensors cached as safetensors next to the tokenizer cache.
+
+    Dequantizing the default model takes 5-30 s on a small CPU; the cached copy loads in about a
+    second. Keyed like the tokenizer cache (path, size, mtime); a broken entry is rebuilt, and a
+    read-only cache only costs speed.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    from safetensors.numpy import load_file, save_file
+
+    from jaxrl_sparse.models.tokenizer import _gguf_cache_key, cache_dir
+    entry = os.path.join(cache_dir(), "gguf_weights", _gguf_cache_key(path))
+    cfg_file, st_file = os.path.join(entry, "config.json"), os.path.join(entry, "model.safetensors")
+    if os.path.isfile(cfg_file) and os.path.isfile(st_file):
+        try:
+            with open(cfg_file) as f:
+                return json.load(f), load_file(st_file)
+        except Exception:  # noqa: BLE001 - a broken cache entry: rebuild it
+            shutil.rmtree(entry, ignore_errors=True)
+    hf, state = read_gguf(path, progress)
+    try:
+        os.makedirs(os.path.dirname(entry), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(entry))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f)
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
+        if os.path.exists(entry):
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, entry)
+    except OSError:
+        pass
+    return hf, state

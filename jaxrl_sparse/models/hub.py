@@ -228,8 +228,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, param_dtype: str = "float32
     import jax
     kind, loc = resolve(name_or_path, revision)
     if kind == "gguf":
-        from jaxrl_sparse.models.gguf_io import read_gguf
-        hf_cfg, state = read_gguf(loc)
+        from jaxrl_sparse.models.gguf_io import read_gguf_cached
+        hf_cfg, state = read_gguf_cached(loc)
         cfg = from_hf_config(hf_cfg, param_dtype=param_dtype, dtype=dtype)
     else:  # the config first: an unsupported architecture is reported before reading weights
         cfg = from_hf_config(read_hf_config(loc), param_dtype=param_dtype, dtype=dtype)

@@ -44,7 +44,7 @@ class ESConfig:
     model_name: str = "Qwen/Qwen2.5-1.5B-Instruct"  # registry name, HF id, HF folder, .gguf, or tiny-random
     hf_cache_dir: str = ""            # HF cache for hub downloads (sets HF_HUB_CACHE/HF_DATASETS_CACHE); seed default was a private path
     mixed_precision: str = "fp16"     # compute dtype with fp32 master weights: no=fp32, bf16, fp16 (mapped to bf16: same 16-bit bandwidth, no loss scaling)
-    gpu_threads: int = 0              # population members decoded concurrently per device; 0 = all (NP / low-rank WP: one batch); full-rank WP: >1 vmaps that many weight copies (seed default 1)
+    gpu_threads: int = 0              # population members decoded concurrently per device (seed default 1); 0 = all: NP / low-rank WP decode the whole population as one batch, G > 0 decodes G x n_devices members per call; full-rank WP holds one weight copy per call (0 or 1; >1 is refused, use --wp_rank)
     n_train: int = 64                 # training problems (the same set every iteration, as in the seed)
     n_eval: int = 100                 # evaluation problems
     n_iters: int = 100                # ES iterations
@@ -113,6 +113,9 @@ class ESConfig:
             raise UserError("--sigma, --alpha, --gpu_threads and --wp_rank must be >= 0")
         if m == "np":
             perturb.parse_np_include(self.np_include)
+        if m == "wp" and self.wp_rank == 0 and self.gpu_threads > 1:
+            raise UserError(f"--gpu_threads={self.gpu_threads}: full-rank WP decodes one member (one weight "
+                            "copy) per call; use --gpu_threads=1, or --wp_rank=R to decode the population as one batch")
         return self
 
 
@@ -125,7 +128,7 @@ def tiny_random_model(seed: int = 0):
     cfg = ModelConfig("llama", 128, 32, 64, 2, 4, 2, 8, max_position_embeddings=2048,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       bos_token_id=tok.bos_token_id).validate()
-    return cfg, init_params(cfg, jax.random.key(seed)), tok
+    return cfg, jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(seed)), tok
 
 
 def char_tokenizer():
@@ -251,38 +254,24 @@ def lowrank_generate(params, mcfg, tokens, mask, mkeys, sigma, key, gkw, lr_fn: 
                         params_fn=lr_fn, mesh=mesh, **gkw)
 
 
-@functools.lru_cache(maxsize=8)
-def _vmapped_sampler(mcfg, spec, params_fn):
-    from jaxrl_sparse.generate import _decode_fn
-    run = _decode_fn(mcfg, spec, params_fn, None)
-    return jax.jit(jax.vmap(run, in_axes=({"model": None, "key": 0}, None, None, None, None)))
-
-
-def fullrank_generate(params, mcfg, tokens, mask, mkeys, key, gkw, pfn: PerturbFn, threads: int):
-    """Full-rank WP rollouts: members in groups of `threads` (1 = sequential generate calls, sharded
-    over the mesh; >1 = vmapped weight copies). Returns (tokens [N*M, T], mask [N*M, T])."""
-    from jaxrl_sparse.generate import SamplerSpec, _eos_tuple, bucket_length, generate
+def fullrank_generate(params, mcfg, tokens, mask, mkeys, key, gkw, pfn: PerturbFn):
+    """Full-rank WP rollouts: one generate call per member (its n_train rows sharded over the mesh),
+    theta + sigma eps built inside the jit. Returns (tokens [N*M, T], mask [N*M, T]) member-major."""
+    from jaxrl_sparse.generate import generate
     N = mkeys.shape[0]
     kd = jax.vmap(jax.random.key_data)(mkeys)
     toks, masks = [], []
-    if threads <= 1:
-        for n in range(N):
-            out = generate({"model": params, "key": kd[n]}, mcfg, tokens, mask, key, params_fn=pfn, **gkw)
-            toks.append(np.asarray(out.tokens))
-            masks.append(np.asarray(out.mask))
-        return np.concatenate(toks), np.concatenate(masks)
-    eos = _eos_tuple(gkw["eos_token_id"], mcfg)
-    spec = SamplerSpec(gkw["max_new_tokens"], float(gkw["temperature"]), 0, 1.0, bool(gkw["greedy"]), 0,
-                       eos, int(gkw["pad_token_id"]), False).validate()
-    Pb = bucket_length(tokens.shape[1])
-    t = jnp.pad(jnp.asarray(tokens), ((0, 0), (Pb - tokens.shape[1], 0)), constant_values=spec.pad_id)
-    m = jnp.pad(jnp.asarray(mask).astype(bool), ((0, 0), (Pb - mask.shape[1], 0)))
-    fn = _vmapped_sampler(mcfg, spec, pfn)
-    for s in range(0, N, threads):
-        out = fn({"model": params, "key": kd[s:s + threads]}, t, m, key, None)
-        toks.append(np.asarray(out.tokens).reshape(-1, out.tokens.shape[-1]))
-        masks.append(np.asarray(out.mask).reshape(-1, out.mask.shape[-1]))
+    for n in range(N):
+        out = generate({"model": params, "key": kd[n]}, mcfg, tokens, mask, key, params_fn=pfn, **gkw)
+        toks.append(np.asarray(out.tokens))
+        masks.append(np.asarray(out.mask))
     return np.concatenate(toks), np.concatenate(masks)
+
+
+def member_chunks(n_members: int, threads: int) -> List[slice]:
+    """Slices of the population decoded per call: all at once (threads 0), else threads x devices."""
+    step = n_members if threads <= 0 else max(1, threads * jax.device_count())
+    return [slice(s, min(n_members, s + step)) for s in range(0, n_members, step)]
 
 
 def decode_rows(tok, tokens, mask) -> List[str]:
@@ -475,15 +464,20 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
         mkeys = es_math.member_keys(k_noise, seeds)
         kg = jax.random.fold_in(k_gen, it)
         if method == "np":
-            out, rk, ptok, pmask = np_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys, scales, kg, gkw,
-                                               cast_fn)
-            g_tok, g_mask = out.tokens, out.mask
+            parts = [np_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys[c], scales, jax.random.fold_in(kg, i),
+                                 gkw, cast_fn) for i, c in enumerate(member_chunks(N, ecfg.gpu_threads))]
+            g_tok = np.concatenate([np.asarray(p[0].tokens) for p in parts])
+            g_mask = np.concatenate([np.asarray(p[0].mask) for p in parts])
+            rk = jnp.concatenate([p[1] for p in parts])
+            ptok, pmask = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
         elif ecfg.wp_rank > 0:
-            out = lowrank_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys, sigma, kg, gkw, lr_fn)
-            g_tok, g_mask = out.tokens, out.mask
+            outs = [lowrank_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys[c], sigma,
+                                     jax.random.fold_in(kg, i), gkw, lr_fn)
+                    for i, c in enumerate(member_chunks(N, ecfg.gpu_threads))]
+            g_tok = np.concatenate([np.asarray(o.tokens) for o in outs])
+            g_mask = np.concatenate([np.asarray(o.mask) for o in outs])
         else:
-            g_tok, g_mask = fullrank_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys, kg, gkw, pfn,
-                                              ecfg.gpu_threads)
+            g_tok, g_mask = fullrank_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys, kg, gkw, pfn)
         g_tok, g_mask = np.asarray(g_tok), np.asarray(g_mask)
         t1 = time.perf_counter()
         phase_gc()

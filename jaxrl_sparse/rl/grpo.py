@@ -21,6 +21,7 @@ seed's name `lora_epoch{N}_step{S}` is in the metadata and is a symlink in `<wor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -223,6 +224,18 @@ def make_update_fn(cfg, g: GRPOConfig, optimizer):
     return jax.jit(update, donate_argnums=(0,))
 
 
+def _jit_key(g: GRPOConfig) -> GRPOConfig:
+    """`g` without the fields the jitted steps do not read (so runs share compiled steps)."""
+    return dataclasses.replace(g, workdir="", model="", data="", eval_data="", update_mask="",
+                               use_wandb=False, export_final=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _step_fns(cfg, g: GRPOConfig):
+    """(score_fn, update_fn) for a model config and run config, built once per process."""
+    return make_score_fn(cfg, g), make_update_fn(cfg, g, make_optimizer(g))
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def ckpt_name(epoch: int, step: int) -> str:
     return f"lora_epoch{epoch}_step{step}"
@@ -380,8 +393,7 @@ def train(g: GRPOConfig, *, progress: bool = True, stop_after: Optional[int] = N
         log.truncate_after(-1)
         log.write(0, run_eval(0))
 
-    score_fn = make_score_fn(mcfg, g)
-    update_fn = make_update_fn(mcfg, g, optimizer)
+    score_fn, update_fn = _step_fns(mcfg, _jit_key(g))
     merge = lora.merge_fn(float(g.lora_alpha), int(g.lora_rank))
     end = total if stop_after is None else min(stop_after, total)
     bar = tqdm(range(start, end), initial=start, total=total, desc="grpo",
