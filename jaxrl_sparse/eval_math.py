@@ -34,13 +34,14 @@ def load_problems(data: str, *, n: Optional[int] = None, n_train: int = 0, seed:
       `generate_problems(seed)`, the train set the next `n_train`, so they never overlap and the
       eval set does not depend on `n_train`), 'gsm8k' (hub: train / test split), or a JSONL path.
     """
-    if data == "generated":
-        from jaxrl_sparse.data.math_problems import generate_problems
+    from jaxrl_sparse.data.math_problems import generate_problems, parse_generated_source
+    difficulty = parse_generated_source(data)
+    if difficulty is not None:
         if split == "eval":
             if not n or n > _EVAL_POOL:
                 raise UserError(f"generated eval sets hold 1..{_EVAL_POOL} problems, asked for {n}")
-            return generate_problems(n, seed)
-        return generate_problems(_EVAL_POOL + n_train, seed)[_EVAL_POOL:]
+            return generate_problems(n, seed, difficulty)
+        return generate_problems(_EVAL_POOL + n_train, seed, difficulty)[_EVAL_POOL:]
     if data == "gsm8k":
         from jaxrl_sparse.data.sources import load_gsm8k
         rows = load_gsm8k("train" if split == "train" else "test",
@@ -91,13 +92,8 @@ def encode_prompts(tokenizer, texts: Sequence[str], max_len: int, pad_id: int
         bos = getattr(tokenizer, "bos_token_id", None)
         if bos is not None:
             ids = [([bos] + x)[-max_len:] if x[0] != bos else x for x in ids]
-    Lp = max(len(x) for x in ids)
-    toks = np.full((len(ids), Lp), pad_id, np.int32)
-    mask = np.zeros((len(ids), Lp), np.int32)
-    for i, x in enumerate(ids):
-        toks[i, Lp - len(x):] = x
-        mask[i, Lp - len(x):] = 1
-    return toks, mask
+    from jaxrl_sparse.data.batching import pad_left
+    return pad_left(ids, pad_id)
 
 
 def stop_ids(tokenizer, cfg) -> Tuple[int, ...]:

@@ -55,6 +55,7 @@ class SamplerSpec:
     greedy: bool = False
     fixed_length: bool = False
     layer_unroll: int = 1  # decode step: layers per scan iteration (>1 cuts GPU loop overhead)
+    steps_per_sync: int = 1  # decode steps per while-loop iteration (the loop test syncs with the host)
     min_new_tokens: int = dataclasses.field(default=0, compare=False)
 
     def validate(self) -> "SamplerSpec":
@@ -66,6 +67,8 @@ class SamplerSpec:
             raise UserError(f"top_k={self.top_k} must be >= 0 (0 = off)")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.steps_per_sync < 1:
+            raise UserError(f"steps_per_sync={self.steps_per_sync} must be >= 1")
         if self.layer_unroll < 1:
             raise UserError(f"layer_unroll={self.layer_unroll} must be >= 1")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -114,7 +117,9 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
         if params_fn is not None:
             params = params_fn(params)
         B, Pb = tokens.shape
-        cache = init_cache(cfg, B, Pb + N)
+        K = spec.steps_per_sync
+        NB = N + K  # buffers/cache get K spare slots: the last iteration may overrun N (masked)
+        cache = init_cache(cfg, B, Pb + NB)
         kv = P(None, "data")
         cache = dict(cache, k=shard(cache["k"], kv), v=shard(cache["v"], kv),
                      mask=shard(cache["mask"], P("data")))
@@ -128,10 +133,10 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
         t0 = jnp.zeros((), jnp.int32)
         tok, lp, slp = sampling.sample_tokens(out.logits[:, -1], step_keys(t0), ban=is_eos & (t0 < min_new), **kw)
         done = is_eos[tok]
-        buf_i = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok)
-        buf_m = jnp.zeros((B, N), jnp.bool_).at[:, 0].set(True)
-        buf_lp = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp)
-        buf_slp = jnp.zeros((B, N), jnp.float32).at[:, 0].set(slp)
+        buf_i = jnp.full((B, NB), pad_id, jnp.int32).at[:, 0].set(tok)
+        buf_m = jnp.zeros((B, NB), jnp.bool_).at[:, 0].set(True)
+        buf_lp = jnp.zeros((B, NB), jnp.float32).at[:, 0].set(lp)
+        buf_slp = jnp.zeros((B, NB), jnp.float32).at[:, 0].set(slp)
         bufs = tuple(shard(b, P("data")) for b in (buf_i, buf_m, buf_lp, buf_slp))
         carry = (jnp.ones((), jnp.int32), tok, done, out.cache, bufs)
 
@@ -141,9 +146,9 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
                 return t < N
             return (t < N) & ~jnp.all(done)
 
-        def body(c):
+        def step(c):
             t, prev, done, cache, (bi, bm, blp, bslp) = c
-            alive = ~done
+            alive = ~done & (t < N)
             o = forward(params, cfg, prev[:, None], alive[:, None], positions=(pos0 + t - 1)[:, None],
                         cache=cache, noise=noise, unroll=spec.layer_unroll)
             tok, lp, slp = sampling.sample_tokens(o.logits[:, 0], step_keys(t), ban=is_eos & (t < min_new), **kw)
@@ -154,8 +159,14 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
             done = done | (alive & is_eos[tok])
             return t + 1, tok, done, o.cache, bufs
 
-        t, _, _, _, (bi, bm, blp, bslp) = jax.lax.while_loop(cond, body, carry)
-        return GenerateOutput(bi, bm, blp, bslp, jnp.sum(bm, axis=1, dtype=jnp.int32), t)
+        def body(c):  # K decode steps per loop test: the test's device->host sync is paid once per K
+            for _ in range(K):
+                c = step(c)
+            return c
+
+        t, _, _, _, bufs = jax.lax.while_loop(cond, body, carry)
+        bi, bm, blp, bslp = (b[:, :N] for b in bufs)
+        return GenerateOutput(bi, bm, blp, bslp, jnp.sum(bm, axis=1, dtype=jnp.int32), jnp.minimum(t, N))
 
     return run
 
@@ -212,7 +223,7 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
              pad_token_id: Optional[int] = None, fixed_length: bool = False,
              noise: Optional[ActNoise] = None, params_fn: Optional[Callable[[Any], Any]] = None,
              mesh: Union[Mesh, None, bool] = None, bucket: bool = True,
-             layer_unroll: Optional[int] = None) -> GenerateOutput:
+             layer_unroll: Optional[int] = None, steps_per_sync: int = 1) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after left-padded prompts [B, P].
 
     key: a PRNG key (typed or raw uint32[2]). eos_token_id: int or list (default cfg's; none = no
@@ -231,7 +242,7 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
     pad = pad_token_id if pad_token_id is not None else (
         cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
     spec = SamplerSpec(int(max_new_tokens), float(temperature), int(top_k), float(top_p), bool(greedy),
-                       bool(fixed_length), int(layer_unroll), int(min_new_tokens)).validate()
+                       bool(fixed_length), int(layer_unroll), int(steps_per_sync), int(min_new_tokens)).validate()
     check_prompts(prompt_mask, cfg, spec.max_new_tokens)
     tokens = jnp.asarray(prompt_tokens, jnp.int32)
     mask = jnp.asarray(prompt_mask).astype(jnp.bool_)

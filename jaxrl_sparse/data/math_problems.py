@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 Problem = Dict[str, str]
 
@@ -194,3 +194,20 @@ def generate_splits(n_train: int, n_test: int, seed: int = 0,
 def gold_answer(problem: Problem) -> int:
     """The integer after `####` in a problem's answer."""
     return int(problem["answer"].rsplit("####", 1)[1].strip().replace(",", ""))
+
+
+def parse_generated_source(source: str) -> Optional[Difficulty]:
+    """`generated` -> default Difficulty; `generated:A-B` -> A..B operations per problem (easier
+    or harder offline sets, e.g. `generated:1-2` for small models); anything else -> None."""
+    if source == "generated":
+        return Difficulty()
+    if not source.startswith("generated:"):
+        return None
+    spec = source.split(":", 1)[1]
+    try:
+        lo, hi = (int(x) for x in spec.split("-"))
+        return Difficulty(min_steps=lo, max_steps=hi)
+    except ValueError:
+        from jaxrl_sparse.errors import UserError
+        raise UserError(f"--data={source!r}: write generated:MIN-MAX with 1 <= MIN <= MAX, "
+                        "e.g. generated:1-2") from None

@@ -155,7 +155,7 @@ def load_es_model(ecfg: ESConfig):
     if ecfg.model_name == "tiny-random":
         cfg, params, tok = tiny_random_model(ecfg.meta_seed)
         return cfg.replace(dtype=dt), params, tok
-    from jaxrl_sparse.models.hub import load_model
+    from jaxrl_sparse.models import load_model
     lm = load_model(ecfg.model_name, param_dtype="float32", dtype=dt)
     return lm.config, lm.params, lm.tokenizer
 
@@ -529,7 +529,7 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
                          f"ES-{method} {os.path.basename(ecfg.model_name)}")
     export_dir = None
     if ecfg.export_final and end == ecfg.n_iters and is_writer():
-        from jaxrl_sparse.models.hub import export_hf
+        from jaxrl_sparse.models import export_hf
         export_dir = os.path.join(out_dir, "final_model")
         export_hf(export_dir, mcfg, jax.device_get(state["params"]), tok)
     return {"out_dir": out_dir, "iterations_done": end, "history": history, "params": state["params"],

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from jaxrl_sparse import checkpoint
+from jaxrl_sparse.data.batching import pad_left
 from jaxrl_sparse.errors import UserError
 from jaxrl_sparse.metrics import MetricsLog, default_workdir, is_writer, plot_curves
 from jaxrl_sparse.models.decoder import forward, lm_logits
@@ -283,20 +284,13 @@ def _target_mask(update_mask_path: str, base, adapters):
 
 
 # ----------------------------------------------------------------------------- the loop
-def _pad_left(rows: List[List[int]], pad: int, length: int) -> Tuple[np.ndarray, np.ndarray]:
-    toks = np.full((len(rows), length), pad, np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for i, r in enumerate(rows):
-        toks[i, length - len(r):] = r
-        mask[i, length - len(r):] = 1
-    return toks, mask
 
 
 def load_data(g: GRPOConfig):
     """(train problems, eval problems). A JSONL --data without --eval_data holds out its first
     `num_eval` lines for evaluation."""
     from jaxrl_sparse.eval_math import load_problems
-    if g.data in ("generated", "gsm8k"):
+    if g.data == "gsm8k" or g.data.startswith("generated"):
         train = load_problems(g.data, n_train=g.num_training_data, seed=g.data_seed, split="train")
         ev = (load_problems(g.eval_data or g.data, n=g.num_eval, seed=g.data_seed, split="eval")
               if g.num_eval else [])
@@ -334,7 +328,7 @@ def train(g: GRPOConfig, *, progress: bool = True, stop_after: Optional[int] = N
     mcfg, tok, base = loaded.config, loaded.tokenizer, loaded.params
     pad, eos = em.pad_id(tok, mcfg), em.stop_ids(tok, mcfg)
     train_probs, eval_probs = load_data(g)
-    P, K, B = g.prompts_per_step, g.num_samples_per_prompt, g.batch_size
+    P, K = g.prompts_per_step, g.num_samples_per_prompt
     steps_per_epoch = len(train_probs) // P
     total = g.num_epochs * steps_per_epoch
     prompt_ids = [tok(em.prompt_text(tok, p["question"], g.prompt_template),
@@ -405,7 +399,7 @@ def train(g: GRPOConfig, *, progress: bool = True, stop_after: Optional[int] = N
         idx = order[pos * P:(pos + 1) * P]
         rows = [prompt_ids[i] for i in idx]
         Q = bucket_length(max(len(r) for r in rows))
-        p_tok, p_mask = _pad_left(rows, pad, Q)
+        p_tok, p_mask = pad_left(rows, pad, Q)
         p_tok, p_mask = np.repeat(p_tok, K, axis=0), np.repeat(p_mask, K, axis=0)  # prompt-major
         k_gen, k_upd = jax.random.split(jax.random.fold_in(k_run, step))
         gen_params = {"base": base, "lora": state["lora"], **({"mask": umask} if umask else {})}

@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -138,13 +138,9 @@ def build_queries(texts: Sequence[str], tokenizer, cfg: PPOConfig):
     """Query strings and left-padded token ids [P, query_len] (truncated from the left)."""
     from jaxrl_sparse.data.reviews import ppo_prompt
     queries = [ppo_prompt(t, cfg.prompt_words, cfg.prompt_prefix) for t in texts]
-    Q = cfg.query_len
-    toks = np.full((len(queries), Q), tokenizer.pad_token_id, np.int32)
-    mask = np.zeros((len(queries), Q), np.int32)
-    for i, q in enumerate(queries):
-        ids = tokenizer(q)["input_ids"][-Q:]
-        toks[i, Q - len(ids):] = ids
-        mask[i, Q - len(ids):] = 1
+    from jaxrl_sparse.data.batching import pad_left
+    toks, mask = pad_left([tokenizer(q)["input_ids"] for q in queries], tokenizer.pad_token_id,
+                          cfg.query_len)
     return queries, toks, mask
 
 

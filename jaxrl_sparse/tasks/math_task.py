@@ -42,24 +42,20 @@ def encode_left_padded(tokenizer, texts: Sequence[str], max_len: int, pad_id: in
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_len:] for t in texts]
     if any(len(i) == 0 for i in ids):
         raise UserError("a prompt encodes to no tokens; check the data and the tokenizer")
-    P = max(len(i) for i in ids)
-    toks = np.full((len(ids), P), pad_id, np.int32)
-    mask = np.zeros((len(ids), P), np.int32)
-    for r, i in enumerate(ids):
-        toks[r, P - len(i):] = i
-        mask[r, P - len(i):] = 1
-    return toks, mask
+    from jaxrl_sparse.data.batching import pad_left
+    return pad_left(ids, pad_id)
 
 
 def load_math_splits(source: str, n_train: int, n_eval: int, seed: int = 0, *,
                      train_file: str = "", eval_file: str = "") -> Tuple[List[Dict], List[Dict]]:
     """(train, eval) problem lists. gsm8k: hub train/test splits (a seeded sample); jsonl: files with
     question/answer per line; generated: the offline GSM8K-style generator (disjoint splits)."""
+    from jaxrl_sparse.data.math_problems import generate_splits, parse_generated_source
+    difficulty = parse_generated_source(source)
+    if difficulty is not None:
+        return generate_splits(n_train, max(n_eval, 1), seed=seed, difficulty=difficulty)
     if source not in DATA_SOURCES:
-        raise UserError(f"--data={source!r}; choose one of {', '.join(DATA_SOURCES)}")
-    if source == "generated":
-        from jaxrl_sparse.data.math_problems import generate_splits
-        return generate_splits(n_train, max(n_eval, 1), seed=seed)
+        raise UserError(f"--data={source!r}; choose one of {', '.join(DATA_SOURCES)} (or generated:MIN-MAX)")
     if source == "jsonl":
         from jaxrl_sparse.data.sources import load_jsonl
         if not train_file:
