@@ -151,3 +151,19 @@ def test_weight_shapes_gpt2_medium_offline():
     assert "transformer.h.{i}.mlp.c_fc.weight (x 24)" in r.stdout
     r = _run(["launch.weight_shapes", "--model=gpt2-medium", "--hf_names"])
     assert r.returncode == 0 and "transformer.h.{i}.attn.c_proj.weight" in r.stdout
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_untied", "qwen2", "gemma2", "gemma3"])
+def test_score_rows_match_transformers_every_family(family, tmp_path):
+    """`score_rows` (what launch.score runs) on a HF folder of each family equals transformers."""
+    model = hf_ref.random_hf_model(family, seed=5)
+    model.save_pretrained(tmp_path / "src", safe_serialization=True)
+    tok = tiny_tokenizer()
+    tok.save_pretrained(tmp_path / "src")
+    lm = load_model(str(tmp_path / "src"))
+    rows = [{"text": "The cat sat on the mat."}, {"text": " the dog", "prompt": "Q: what? A:"}]
+    got = score_rows(lm, rows, batch_size=2, bucket=16, progress=False)
+    for row, g in zip(rows, got):
+        ids, start, _ = encode_example(lm.tokenizer, row["text"], row.get("prompt"))
+        ref = _hf_logprobs(model, ids, start)
+        np.testing.assert_allclose(g["token_logprobs"], ref, atol=2e-4)
