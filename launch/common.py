@@ -13,8 +13,9 @@ def run_main(main: Callable) -> None:
     """`absl.app.run(main)`, but a `UserError` prints `error: <msg>` and exits with status 2."""
 
     def wrapped(argv):
-        from absl import logging
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+        from absl import flags, logging
+        if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
+            logging.set_verbosity(logging.WARNING)
         try:
             return main(argv)
         except UserError as e:

@@ -16,9 +16,6 @@ flags.DEFINE_bool("progress", True, "show a progress bar")
 
 def main(argv):
     del argv
-    from absl import logging
-    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
-        logging.set_verbosity(logging.WARNING)
     from jaxrl_sparse.rl.grpo import train
     s = train(config_from_flags(GRPOConfig), progress=flags.FLAGS.progress)
     rows = [r for r in s["metrics"] if r.get("reward/mean") is not None]

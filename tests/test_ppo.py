@@ -1,5 +1,4 @@
 """PPO trainer: a step moves log-probs the right way; resume equals an uninterrupted run."""
-import dataclasses
 import json
 
 import jax
@@ -9,8 +8,8 @@ import pytest
 
 from jaxrl_sparse.models.config import ModelConfig
 from jaxrl_sparse.models.decoder import init_params
+from jaxrl_sparse.models.value_head import init_value_head
 from jaxrl_sparse.rl import ppo
-from jaxrl_sparse.rl import ppo_math as pm
 
 CFG = ModelConfig("llama", vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=8)
@@ -23,7 +22,7 @@ def test_one_ppo_step_moves_logprobs_towards_reward():
     pcfg = ppo.PPOConfig(batch_size=2, mini_batch_size=2, ppo_epochs=1, learning_rate=1e-2,
                          init_kl_coef=0.0, output_min_length=N, output_max_length=N)
     params = init_params(CFG, jax.random.key(1))
-    trainable = {"model": params, "value_head": ppo.value_head_init(CFG.hidden_size, jax.random.key(2))}
+    trainable = {"model": params, "value_head": init_value_head(CFG.hidden_size, jax.random.key(2))}
     opt = ppo.make_optimizer(pcfg)
     state = {"trainable": trainable, "opt_state": opt.init(trainable)}
     query = np.array([5, 6, 7, 8])
@@ -50,7 +49,7 @@ def test_grad_mask_freezes_unmasked_weights():
     pcfg = ppo.PPOConfig(batch_size=2, mini_batch_size=2, ppo_epochs=1, learning_rate=1e-2,
                          output_min_length=N, output_max_length=N)
     params = init_params(CFG, jax.random.key(1))
-    trainable = {"model": params, "value_head": ppo.value_head_init(CFG.hidden_size, jax.random.key(2))}
+    trainable = {"model": params, "value_head": init_value_head(CFG.hidden_size, jax.random.key(2))}
     opt = ppo.make_optimizer(pcfg)
     state = {"trainable": jax.tree_util.tree_map(jnp.copy, trainable), "opt_state": opt.init(trainable)}
     tokens = jnp.asarray(np.arange(14).reshape(2, 7) % 32, jnp.int32)

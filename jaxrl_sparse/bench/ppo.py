@@ -13,7 +13,6 @@ from typing import Any, Dict, List, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 
 from jaxrl_sparse.bench.common import append_jsonl, device_info, markdown_table, peak_memory_bytes
 
@@ -30,6 +29,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     from jaxrl_sparse.models import classifier as clf
     from jaxrl_sparse.models.config import preset
     from jaxrl_sparse.models.decoder import init_params
+    from jaxrl_sparse.models.value_head import init_value_head
     from jaxrl_sparse.rl import ppo
 
     B, mb, epochs, Q, N, dtype, top_k, top_p, peer = SETTINGS[name]
@@ -48,7 +48,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     pcfg = ppo.PPOConfig(batch_size=B, mini_batch_size=mb, ppo_epochs=epochs, query_len=Q,
                          output_min_length=N, output_max_length=N, top_k=top_k, top_p=top_p,
                          param_dtype=dtype, compute_dtype=dtype)
-    trainable = {"model": params, "value_head": ppo.value_head_init(mcfg.hidden_size, k)}
+    trainable = {"model": params, "value_head": init_value_head(mcfg.hidden_size, k)}
     opt = ppo.make_optimizer(pcfg)
     state = {"trainable": trainable, "opt_state": opt.init(trainable)}
     key = ppo.compile_key(pcfg)
@@ -105,11 +105,9 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     return row
 
 
-FLAGS = flags.FLAGS
-
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
-    from absl import flags as _f
+    from absl import flags as _f  # own FlagValues: the bench dispatcher parses argv per command
     fv = _f.FlagValues()
     _f.DEFINE_list("settings", ["fast", "seed"], "which settings: fast, seed, small", flag_values=fv)
     _f.DEFINE_string("model", "gpt2-medium", "policy shape (random weights)", flag_values=fv)

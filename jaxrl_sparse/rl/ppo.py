@@ -27,6 +27,7 @@ from jaxrl_sparse.errors import UserError
 from jaxrl_sparse.metrics import MetricsLog, default_workdir, is_writer, plot_curves
 from jaxrl_sparse.models.config import ModelConfig
 from jaxrl_sparse.models.decoder import forward, lm_logits
+from jaxrl_sparse.models.value_head import init_value_head, value_head_apply
 from jaxrl_sparse.rl import ppo_math as pm
 
 
@@ -154,14 +155,6 @@ def reward_text(pcfg: PPOConfig, query: str) -> str:
 
 
 # ----------------------------------------------------------------------------- model pieces
-def value_head_init(hidden_size: int, key) -> Dict[str, jax.Array]:
-    """Linear(D -> 1) like torch's default init (uniform ±1/sqrt(D)), fp32."""
-    bound = 1.0 / np.sqrt(hidden_size)
-    k1, k2 = jax.random.split(key)
-    return {"kernel": jax.random.uniform(k1, (hidden_size, 1), jnp.float32, -bound, bound),
-            "bias": jax.random.uniform(k2, (1,), jnp.float32, -bound, bound)}
-
-
 def response_outputs(model_params, vhead, mcfg: ModelConfig, tokens, mask, Q: int):
     """Log-probs of response tokens and values at the states that produced them.
 
@@ -173,9 +166,7 @@ def response_outputs(model_params, vhead, mcfg: ModelConfig, tokens, mask, Q: in
     h = out.hidden[:, Q - 1:-1]                               # [B, N, D]
     logits = lm_logits(model_params, mcfg, h)                 # [B, N, V] f32
     logprobs = pm.logprobs_from_logits(logits, tokens[:, Q:])
-    values = None
-    if vhead is not None:
-        values = (h.astype(jnp.float32) @ vhead["kernel"].astype(jnp.float32))[..., 0] + vhead["bias"][0]
+    values = None if vhead is None else value_head_apply(vhead, h, dropout_prob=0.0)
     return logprobs, values, logits
 
 
@@ -340,7 +331,7 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
         model_train = _cast_tree(lm.params, jnp.float32)
     else:  # a separate buffer: the update donates its state, the reference must survive
         model_train = jax.tree_util.tree_map(jnp.copy, lm.params)
-    trainable = {"model": model_train, "value_head": value_head_init(mcfg.hidden_size, k_init)}
+    trainable = {"model": model_train, "value_head": init_value_head(mcfg.hidden_size, k_init)}
     optimizer = make_optimizer(pcfg)
     state = {"trainable": trainable, "opt_state": optimizer.init(trainable)}
     host = {"kl_coef": float(pcfg.init_kl_coef), "moments": [0.0, 1.0, 1.0, 1e-24]}
@@ -388,7 +379,8 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
         k_gen, k_len, k_upd = jax.random.split(k_step, 3)
         idx = np.asarray(jax.random.choice(jax.random.fold_in(k_data, step), len(queries), (B,), replace=False))
         pol = policy_params(state["trainable"], pcfg)
-        gen = generate(pol, mcfg, jnp.asarray(q_tok[idx]), jnp.asarray(q_mask[idx]), k_gen,
+        query, query_mask = jnp.asarray(q_tok[idx]), jnp.asarray(q_mask[idx])
+        gen = generate(pol, mcfg, query, query_mask, k_gen,
                        max_new_tokens=N, temperature=pcfg.temperature, top_k=pcfg.top_k,
                        top_p=pcfg.top_p, eos_token_id=eos, pad_token_id=tok.pad_token_id)
         lengths = _response_lengths(k_len, B, pcfg.output_min_length, N)
@@ -407,8 +399,8 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
                                             score_clip=pcfg.score_clip or None)
         t2 = time.perf_counter()
 
-        tokens = jnp.concatenate([jnp.asarray(q_tok[idx]), resp_tok], axis=1)
-        mask = jnp.concatenate([jnp.asarray(q_mask[idx]), resp_mask], axis=1)
+        tokens = jnp.concatenate([query, resp_tok], axis=1)
+        mask = jnp.concatenate([query_mask, resp_mask], axis=1)
         lp, values, rlp, kl_full = score_fn(state["trainable"], ref_params, tokens, mask, pkey)
         resp_f = resp_mask.astype(jnp.float32)
         adv, returns, vals, adv_stats = compute_advantages(pkey, scores, lp, rlp, values, resp_f,
