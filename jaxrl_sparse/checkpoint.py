@@ -86,8 +86,15 @@ def save(ckpt_dir: str, step: int, tree: Any, *, metadata: Optional[dict] = None
 
 
 def all_steps(ckpt_dir: str) -> List[int]:
-    """Committed steps in `ckpt_dir`, ascending ([] when the directory is absent or empty)."""
-    if not os.path.isdir(ckpt_dir):
+    """Committed steps in `ckpt_dir`, ascending ([] when the directory is absent or empty).
+
+    Multi-process: every process must call it; process 0 decides whether the directory exists (and
+    the others follow), since Orbax's managers synchronise and all processes must open one or none."""
+    exists = os.path.isdir(ckpt_dir)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+    if not exists:
         return []
     with _manager(ckpt_dir, read_only=True) as mngr:
         return sorted(int(s) for s in mngr.all_steps())

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_sparse import parallel
 from jaxrl_sparse.errors import UserError
 
 INSTRUCTION = ("Solve the problem step by step. End with a final line of the form "
@@ -131,11 +132,12 @@ def decode(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> List[str]:
 def evaluate(params, cfg, tokenizer, problems: Sequence[Dict[str, str]], *, adapters=None,
              alpha: float = 16.0, rank: int = 8, mask=None, batch_size: int = 32,
              max_new_tokens: int = 256, max_prompt_len: int = 512, template: str = "auto",
-             progress: bool = False, desc: str = "eval") -> Dict[str, Any]:
+             progress: bool = False, desc: str = "eval", mesh=None) -> Dict[str, Any]:
     """Greedy accuracy on `problems`. With `adapters`, decodes base + LoRA (merged in the jit).
 
     Returns {'total', 'correct', 'accuracy' (percent), 'rows': [{question, gold, output,
-    extracted, correct}]}.
+    extracted, correct}]}. mesh: the sampler's mesh (a `jaxrl_sparse.parallel` spec or Mesh;
+    None = all devices when they divide the batch).
     """
     from tqdm.auto import tqdm
     from jaxrl_sparse.generate import generate
@@ -145,6 +147,8 @@ def evaluate(params, cfg, tokenizer, problems: Sequence[Dict[str, str]], *, adap
         raise UserError("no evaluation problems (check --data / --n)")
     pid, eos = pad_id(tokenizer, cfg), stop_ids(tokenizer, cfg)
     p_in, fn = params, None
+    if isinstance(mesh, str):
+        mesh = parallel.make_mesh(mesh) if mesh else None
     if adapters is not None:
         p_in = {"base": params, "lora": adapters}
         if mask is not None:
@@ -160,8 +164,8 @@ def evaluate(params, cfg, tokenizer, problems: Sequence[Dict[str, str]], *, adap
         toks, pmask = encode_prompts(tokenizer, texts, max_prompt_len, pid)
         out = generate(p_in, cfg, jnp.asarray(toks), jnp.asarray(pmask), key,
                        max_new_tokens=max_new_tokens, greedy=True, eos_token_id=eos,
-                       pad_token_id=pid, params_fn=fn)
-        outs = decode(tokenizer, np.asarray(out.tokens), np.asarray(out.mask))
+                       pad_token_id=pid, params_fn=fn, mesh=mesh)
+        outs = decode(tokenizer, *parallel.to_host((out.tokens, out.mask)))
         for p, o in zip(chunk[:n_real], outs[:n_real]):
             rows.append({"question": p["question"], "gold": p["answer"], "output": o,
                          "extracted": extract_answer(o),

@@ -28,8 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrl_sparse.errors import UserError
 from jaxrl_sparse.models.config import ModelConfig
-from jaxrl_sparse.models.decoder import ActNoise, forward, init_cache
-from jaxrl_sparse import sampling
+from jaxrl_sparse.models.decoder import ActNoise, forward, init_cache, split_cache, split_layers
+from jaxrl_sparse import parallel, sampling
 
 
 class GenerateOutput(NamedTuple):
@@ -56,6 +56,7 @@ class SamplerSpec:
     fixed_length: bool = False
     layer_unroll: int = 1  # decode step: layers per scan iteration (>1 cuts GPU loop overhead)
     steps_per_sync: int = 1  # decode steps per while-loop iteration (the loop test syncs with the host)
+    layer_loop: bool = False  # decode with one cache buffer per layer, layers unrolled (see split_cache)
     min_new_tokens: int = dataclasses.field(default=0, compare=False)
 
     def validate(self) -> "SamplerSpec":
@@ -106,6 +107,8 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
     N = spec.max_new_tokens
     kw = dict(greedy=spec.greedy, temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p)
 
+    rows = _row_axes(mesh)  # batch rows over every data-parallel axis of the mesh
+
     def shard(x, spec_):
         if mesh is None:
             return x
@@ -120,9 +123,9 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
         K = spec.steps_per_sync
         NB = N + K  # buffers/cache get K spare slots: the last iteration may overrun N (masked)
         cache = init_cache(cfg, B, Pb + NB)
-        kv = P(None, "data")
+        kv = P(None, rows)
         cache = dict(cache, k=shard(cache["k"], kv), v=shard(cache["v"], kv),
-                     mask=shard(cache["mask"], P("data")))
+                     mask=shard(cache["mask"], P(rows)))
         out = forward(params, cfg, tokens, mask, cache=cache, noise=noise, logits_last=1)
         row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B, dtype=jnp.uint32))
         pos0 = jnp.sum(mask, axis=1, dtype=jnp.int32)  # position of the first new token
@@ -133,12 +136,18 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
         t0 = jnp.zeros((), jnp.int32)
         tok, lp, slp = sampling.sample_tokens(out.logits[:, -1], step_keys(t0), ban=is_eos & (t0 < min_new), **kw)
         done = is_eos[tok]
+        cache = out.cache
+        if spec.layer_loop:  # per-layer weights and KV buffers for the decode loop (see split_cache)
+            params = dict(params, layers=split_layers(params["layers"]))
+            cache = split_cache(cache)
+            cache = dict(cache, k=tuple(shard(c, P("data")) for c in cache["k"]),
+                         v=tuple(shard(c, P("data")) for c in cache["v"]))
         buf_i = jnp.full((B, NB), pad_id, jnp.int32).at[:, 0].set(tok)
         buf_m = jnp.zeros((B, NB), jnp.bool_).at[:, 0].set(True)
         buf_lp = jnp.zeros((B, NB), jnp.float32).at[:, 0].set(lp)
         buf_slp = jnp.zeros((B, NB), jnp.float32).at[:, 0].set(slp)
-        bufs = tuple(shard(b, P("data")) for b in (buf_i, buf_m, buf_lp, buf_slp))
-        carry = (jnp.ones((), jnp.int32), tok, done, out.cache, bufs)
+        bufs = tuple(shard(b, P(rows)) for b in (buf_i, buf_m, buf_lp, buf_slp))
+        carry = (jnp.ones((), jnp.int32), tok, done, cache, bufs)
 
         def cond(c):
             t, _, done, _, _ = c
@@ -178,27 +187,37 @@ def compiled_sampler(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Ca
     return jax.jit(_decode_fn(cfg, spec, params_fn, mesh))
 
 
+def _row_axes(mesh: Optional[Mesh]) -> Tuple[str, ...]:
+    """Mesh axes the batch rows are split over: ('data', 'fsdp') (see `jaxrl_sparse.parallel`);
+    a 1-axis ('data',) mesh also works."""
+    if mesh is None:
+        return ()
+    return tuple(a for a in parallel.BATCH_AXES if a in mesh.axis_names)
+
+
 def _default_mesh(batch: int) -> Optional[Mesh]:
     n = jax.device_count()
     if n > 1 and batch % n == 0:
-        return Mesh(np.asarray(jax.devices()), ("data",))
+        return parallel.make_mesh("")
     return None
 
 
 def _place(params, tokens, mask, noise, mesh: Mesh):
-    """Batch arrays sharded over 'data'; params replicated unless already on the mesh's devices."""
+    """Batch arrays split over the mesh's data axes; params keep their sharding when it lives on the
+    mesh's devices (e.g. fsdp-sharded by a trainer) and are replicated otherwise. Works across
+    processes (each uploads its own shards of the identical host batch)."""
     devs = set(mesh.devices.flat)
-    rep, row = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    rep, row = NamedSharding(mesh, P()), NamedSharding(mesh, P(_row_axes(mesh)))
 
     def put_param(x):
         if isinstance(x, jax.Array) and set(x.sharding.device_set) == devs:
             return x
-        return jax.device_put(x, rep)
+        return parallel.put(x, rep)
 
     params = jax.tree_util.tree_map(put_param, params)
-    tokens, mask = jax.device_put(tokens, row), jax.device_put(mask, row)
+    tokens, mask = parallel.put(tokens, row), parallel.put(mask, row)
     if noise is not None:
-        noise = ActNoise(jax.device_put(noise.keys, row), *(jax.device_put(s, rep) for s in noise[1:]))
+        noise = ActNoise(parallel.put(noise.keys, row), *(parallel.put(s, rep) for s in noise[1:]))
     return params, tokens, mask, noise
 
 
@@ -223,7 +242,8 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
              pad_token_id: Optional[int] = None, fixed_length: bool = False,
              noise: Optional[ActNoise] = None, params_fn: Optional[Callable[[Any], Any]] = None,
              mesh: Union[Mesh, None, bool] = None, bucket: bool = True,
-             layer_unroll: Optional[int] = None, steps_per_sync: int = 1) -> GenerateOutput:
+             layer_unroll: Optional[int] = None, steps_per_sync: int = 1,
+             layer_loop: Optional[bool] = None) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after left-padded prompts [B, P].
 
     key: a PRNG key (typed or raw uint32[2]). eos_token_id: int or list (default cfg's; none = no
@@ -231,18 +251,24 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
     noise: ActNoise (keys [B, 2]) passed to every forward (positions are absolute, so a teacher-
     forced replay sees the same eps). params_fn: applied to params inside the jit (e.g. a LoRA
     merge); hashed as a static argument, so pass the same function object to reuse the compile.
-    mesh: a Mesh with a 'data' axis; None = all devices when they divide B; False = no sharding.
+    mesh: a Mesh with a 'data' (and 'fsdp') axis, rows split over both (`jaxrl_sparse.parallel`);
+    None = all devices when they divide B; False = no sharding.
     bucket: pad the prompt length up to `bucket_length(P)` (fewer compiles). layer_unroll: layers
     per iteration of the decode step's layer scan (identical results); default: all layers on
     accelerators (~10% faster decode steps, a few seconds more compile), 1 on CPU.
+    layer_loop: decode with one KV buffer per layer and the layers unrolled (`split_cache`; same
+    tokens): no per-step copies of each layer's cache slice. Default: on for accelerators, off on CPU.
     """
     eos = _eos_tuple(eos_token_id, cfg)
     if layer_unroll is None:
         layer_unroll = 1 if jax.devices()[0].platform == "cpu" else cfg.num_layers
     pad = pad_token_id if pad_token_id is not None else (
         cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
+    if layer_loop is None:
+        layer_loop = jax.devices()[0].platform != "cpu"
     spec = SamplerSpec(int(max_new_tokens), float(temperature), int(top_k), float(top_p), bool(greedy),
-                       bool(fixed_length), int(layer_unroll), int(steps_per_sync), int(min_new_tokens)).validate()
+                       bool(fixed_length), int(layer_unroll), int(steps_per_sync), bool(layer_loop),
+                       min_new_tokens=int(min_new_tokens)).validate()
     check_prompts(prompt_mask, cfg, spec.max_new_tokens)
     tokens = jnp.asarray(prompt_tokens, jnp.int32)
     mask = jnp.asarray(prompt_mask).astype(jnp.bool_)
@@ -256,9 +282,9 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
     elif mesh is False:
         mesh = None
     if mesh is not None:
-        n = mesh.shape["data"]
+        n = int(np.prod([mesh.shape[a] for a in _row_axes(mesh)]))
         if B % n:
-            raise UserError(f"batch {B} is not divisible by the mesh's data axis ({n} devices)")
+            raise UserError(f"batch {B} is not divisible by the mesh's data axes ({n} devices)")
         params, tokens, mask, noise = _place(params, tokens, mask, noise, mesh)
     if not isinstance(key, jax.Array) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))

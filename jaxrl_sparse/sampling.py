@@ -72,6 +72,8 @@ def top_k_values(x, k: int, chunk: int = 0):
 
     chunk > 0: two-stage selection (top-k of each `chunk`-wide slice, then top-k of those), which
     replaces one vocabulary-wide sort per row by many small ones; identical output to `lax.top_k`.
+    (A first stage of k=16 per slice, XLA's dedicated GPU top-k kernel, with an exactness check
+    and fallback was measured slower on an H200: that kernel took ~0.9 ms on [64·149, 1024].)
     """
     B, V = x.shape
     if chunk <= 0 or k > chunk or V <= 2 * chunk:

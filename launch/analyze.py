@@ -2,6 +2,7 @@
 
     python -m launch.analyze --ckpt_dir=runs/ppo/ckpt [--taus=1e-7,1e-6,1e-5] [--steps=0,20,40]
         [--include=REGEX] [--out=DIR] [--compare_dir=OTHER_RUN] [--mask_out=mask.npz --mask_tau=1e-6]
+        [--rank_method=gram64]
     python -m launch.analyze --base=A --final=B    # checkpoint dirs, step dirs, HF folders / ids
 
 Writes coverage_combined.png, density_combined.png, layer_ranks.png, density_heatmap.png,
@@ -28,6 +29,9 @@ flags.DEFINE_bool("mask_untracked", False, "Untracked params in the mask: traina
 flags.DEFINE_string("base", None, "W_0: checkpoint dir/step dir/HF model (pair mode with --final).")
 flags.DEFINE_string("final", None, "Pair mode: the fine-tuned model (checkpoint dir/step dir/HF).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_string("rank_method", None, "How singular values of ΔW are computed: svd, gram64, "
+                    "gram64t, gram32, qr, jacobi, gesvd (default: ranks.DEFAULT_RANK_METHOD; "
+                    "error bounds in jaxrl_sparse/analysis/ranks.py).")
 
 
 def _floats(name, values):
@@ -55,7 +59,7 @@ def main(argv):
         steps=_ints("steps", FLAGS.steps) if FLAGS.steps else None, include=FLAGS.include,
         out=FLAGS.out, compare_dir=FLAGS.compare_dir, mask_out=FLAGS.mask_out,
         mask_tau=FLAGS.mask_tau, mask_untracked=FLAGS.mask_untracked, base=FLAGS.base,
-        final=FLAGS.final, progress=FLAGS.progress)
+        final=FLAGS.final, progress=FLAGS.progress, rank_method=FLAGS.rank_method)
     summary = report.analyze(cfg)
     print(report.format_summary(summary))
 

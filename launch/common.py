@@ -9,14 +9,35 @@ from absl import app
 from jaxrl_sparse.errors import UserError
 
 
+def define_parallel_flags() -> None:
+    """--mesh (unless a config field already defines it) and the multi-host flags, defined once."""
+    from absl import flags
+    F = flags.FLAGS
+    if "mesh" not in F:
+        flags.DEFINE_string("mesh", "", "device mesh 'data:N,fsdp:M' ('' = all devices on data)")
+    if "coordinator_address" in F:
+        return
+    flags.DEFINE_string("coordinator_address", "", "multi-host: HOST:PORT of process 0 (jax.distributed)")
+    flags.DEFINE_integer("num_processes", 1, "multi-host: number of processes (one per host)")
+    flags.DEFINE_integer("process_id", -1, "multi-host: this process's index in [0, num_processes)")
+    flags.DEFINE_string("distributed", "", "'auto' = let JAX read the cluster (SLURM, Open MPI) from the "
+                        "environment; 'off' = never; '' = only with --coordinator_address")
+
+
 def run_main(main: Callable) -> None:
-    """`absl.app.run(main)`, but a `UserError` prints `error: <msg>` and exits with status 2."""
+    """`absl.app.run(main)`, after `jax.distributed.initialize` when the multi-host flags ask for it;
+    a `UserError` prints `error: <msg>` and exits with status 2."""
+    define_parallel_flags()
 
     def wrapped(argv):
         from absl import flags, logging
-        if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
+        F = flags.FLAGS
+        if not F["verbosity"].present:  # Orbax logs every file it writes at INFO
             logging.set_verbosity(logging.WARNING)
         try:
+            from jaxrl_sparse.parallel import init_distributed, parse_mesh
+            init_distributed(F.coordinator_address, F.num_processes, F.process_id, F.distributed)
+            parse_mesh(F.mesh)  # a bad --mesh fails before any model is loaded
             return main(argv)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)

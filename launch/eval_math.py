@@ -11,6 +11,7 @@ import os
 from absl import flags
 
 from launch.common import run_main
+from jaxrl_sparse.parallel import is_main_process
 
 flags.DEFINE_string("model", "", "registry name, HF id, HF folder or .gguf (default: the checkpoint's model)")
 flags.DEFINE_string("lora_ckpt", "", "GRPO workdir, its checkpoints/ dir, a step folder or a lora/ alias")
@@ -71,11 +72,12 @@ def main(argv):
             kw = dict(adapters=ad, alpha=meta["lora"]["alpha"], rank=meta["lora"]["rank"], mask=mask)
         res = em.evaluate(lm.params, lm.config, lm.tokenizer, problems, batch_size=F.batch_size,
                           max_new_tokens=F.max_new_tokens, max_prompt_len=F.max_prompt_len,
-                          template=F.prompt_template, progress=F.progress, desc=tag, **kw)
+                          template=F.prompt_template, progress=F.progress, desc=tag, mesh=F.mesh, **kw)
         path = F.out if (F.out and len(runs) == 1) else (
             os.path.splitext(F.out)[0] + f"_{tag}.jsonl" if F.out else
             os.path.join(out_dir, f"eval_{tag}.jsonl"))
-        em.write_rows(path, res["rows"])
+        if is_main_process():
+            em.write_rows(path, res["rows"])
         results.append((tag, res, path))
     for tag, res, path in results:
         print(f"[{tag}] {em.summary_line(res)}   ({path})")

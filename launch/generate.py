@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional
 from absl import flags
 
 from launch.common import run_main
+from jaxrl_sparse import parallel
 from jaxrl_sparse.errors import UserError
 
 flags.DEFINE_string("model", "smollm2-135m-instruct", "Registry name, HF folder, .gguf file or hub id.")
@@ -51,6 +52,7 @@ class GenerateConfig:
     seed: int = 0                         # PRNG seed
     batch_size: int = 16                  # prompts per batch
     dtype: str = "float32"                # float32 | bfloat16
+    mesh: str = ""                        # device mesh 'data:N,fsdp:M' ('' = all devices on data when they divide the batch)
 
     def validate(self) -> "GenerateConfig":
         if (self.prompt is None) == (self.prompts_file is None):
@@ -113,6 +115,9 @@ def run(config: GenerateConfig) -> List[Dict[str, Any]]:
         raise UserError(f"the tokenizer of {config.model} has no chat template; drop --chat")
     eos = sorted({i for i in (cfg.eos_token_id, tok.eos_token_id) if i is not None})
     key = jax.random.key(config.seed)
+    mesh = parallel.make_mesh(config.mesh) if config.mesh else None
+    if mesh is not None:
+        parallel.check_batch(config.batch_size, mesh, "--batch_size")
     out_rows = []
     bar = tqdm(total=len(rows), desc="generate", unit="prompt", disable=config.prompts_file is None)
     for bi, batch in enumerate(_batches(rows, config.batch_size)):
@@ -133,13 +138,15 @@ def run(config: GenerateConfig) -> List[Dict[str, Any]]:
                        max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                        top_k=config.top_k, top_p=config.top_p, greedy=config.greedy,
                        min_new_tokens=config.min_new_tokens, eos_token_id=eos,
-                       pad_token_id=tok.pad_token_id)
-        toks, m = np.asarray(res.tokens), np.asarray(res.mask)
+                       pad_token_id=tok.pad_token_id, mesh=mesh)
+        toks, m = parallel.to_host((res.tokens, res.mask))
         for r, t, mm in zip(batch, toks, m):
             t = [int(x) for x, keep in zip(t, mm) if keep and x not in eos]
             out_rows.append(dict(r, completion=tok.decode(t, skip_special_tokens=True)))
         bar.update(n)
     bar.close()
+    if not parallel.is_main_process():
+        return out_rows
     if config.out:
         os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
         with open(config.out, "w", encoding="utf-8") as f:

@@ -63,11 +63,15 @@ def test_identity_and_degenerate_matrices():
 
 def test_layer_rank_stats_keys_and_values():
     rng = np.random.default_rng(1)
-    w0 = {"layers": {"attn": {"q_proj": {"kernel": rng.normal(size=(2, 8, 6)).astype(np.float32)}},
+    # W_0 on a 2^-8 grid and a rank-1 delta on a 2^-8 grid: W_0 + Δ is exact in fp32, so the stored
+    # delta is exactly rank 1 (a rounded sum would add ~1e-7 noise above the rank tolerance, which
+    # an accurate method such as gram64 rightly counts)
+    w0 = {"layers": {"attn": {"q_proj": {"kernel": (np.round(rng.normal(size=(2, 8, 6)) * 256) / 256
+                                                    ).astype(np.float32)}},
                      "input_norm": {"scale": np.ones((2, 8), np.float32)}},
           "lm_head": {"kernel": rng.normal(size=(8, 12)).astype(np.float32)}}
     d = np.zeros((2, 8, 6), np.float32)
-    d[0] = 0.01 * np.outer(rng.normal(size=8), rng.normal(size=6))   # layer 0: rank 1, dense
+    d[0] = np.outer(rng.integers(1, 4, size=8), rng.integers(-3, 4, size=6) | 1) / 256  # layer 0: rank 1, dense
     d[1, 0, 0] = 1.0                                                 # layer 1: one entry
     wt = {"layers": {"attn": {"q_proj": {"kernel": w0["layers"]["attn"]["q_proj"]["kernel"] + d}},
                      "input_norm": {"scale": np.full((2, 8), 2.0, np.float32)}},  # untracked

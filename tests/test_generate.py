@@ -299,3 +299,17 @@ def test_steps_per_sync_gives_identical_results(llama):
         three = generate(params, cfg, toks, mask, jax.random.key(3), max_new_tokens=N, steps_per_sync=3, **kw)
         for a, b in zip(one, three):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gemma2"])  # sliding window, softcaps, post-norms
+def test_layer_loop_decoding_equals_layer_scan(family):
+    """Per-layer weights + KV buffers (the accelerator default) give the scan path's tokens and log-probs."""
+    _, cfg, params = _model(family)
+    toks, mask = _prompts(cfg.vocab_size)
+    noise = ActNoise(jax.random.key_data(jax.random.split(jax.random.key(5), B)),
+                     jnp.full((cfg.num_layers,), 0.01), jnp.zeros((cfg.num_layers,)), jnp.float32(0.0))
+    outs = [generate(params, cfg, toks, mask, jax.random.key(3), max_new_tokens=N, top_k=5, top_p=0.9,
+                     eos_token_id=[], steps_per_sync=2, noise=noise, layer_loop=ll) for ll in (False, True)]
+    np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
+    np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(outs[0].sample_logprobs), np.asarray(outs[1].sample_logprobs), atol=1e-6)

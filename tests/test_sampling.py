@@ -125,3 +125,19 @@ def test_sample_tokens_top_k1_is_greedy_and_raw_logprob(logits):
     np.testing.assert_allclose(np.asarray(klp), want, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(kslp), 0.0, atol=1e-6)
     np.testing.assert_allclose(np.asarray(gslp), 0.0)
+
+
+@pytest.mark.parametrize("case", ["random", "one_chunk_holds_all", "ties"])
+def test_chunked_top_k_is_exact(case):
+    """Two-stage top-k equals lax.top_k exactly, also when one slice holds the whole top k, and on ties."""
+    rng = np.random.default_rng(0)
+    B, V, k, chunk = 3, 5000, 20, 256
+    x = rng.normal(size=(B, V)).astype(np.float32)
+    if case == "one_chunk_holds_all":  # row 1's top-k all in one slice
+        x[1, 512:512 + 40] = 10.0 + np.arange(40, dtype=np.float32)
+    if case == "ties":
+        x = np.round(x * 2) / 2  # many equal values: lower id first on ties
+    vals, ids = sampling.top_k_values(jnp.asarray(x), k, chunk)
+    ref_v, ref_i = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(np.asarray(vals), np.asarray(ref_v))
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_i))

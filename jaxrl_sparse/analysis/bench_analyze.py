@@ -2,6 +2,13 @@
 
     python -m launch.bench analyze [--preset=gpt2-medium] [--n_ckpts=31] [--seed_subset=2]
     python -m launch.bench analyze --small          # seconds on a CPU (used by a test)
+    python -m launch.bench analyze --rank_methods=svd,gram64,gram32,qr,jacobi [--small]
+
+`--rank_methods` runs only the rank comparison: W_0 and the final checkpoint are generated, then
+each `ranks.RANK_METHODS` entry is timed on all matrices (first call incl. compile, second call)
+and its classical / effective / stable ranks are compared with "svd" on every matrix, and with a
+float64 numpy SVD of layer 0's matrices + the unstacked ones (`--no_rank_ref64` skips that).
+Methods the installed JAX (or this platform) lacks are skipped with a printed note.
 
 A series of `n_ckpts` checkpoints at real shapes (attention q/k/v/o + MLP up/down + lm_head in the
 BUILD_NOTES layout) is generated on the device with random sparse deltas that grow over the run:
@@ -26,13 +33,14 @@ import shutil
 import tempfile
 import time
 from functools import partial
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_sparse.analysis import deltas, ranks
+from jaxrl_sparse.errors import UserError
 
 PRESETS = {  # layers, d_model, d_ff, vocab
     "gpt2-medium": (24, 1024, 4096, 50257),
@@ -136,15 +144,134 @@ def bench_seed(series, taus, subset: int):
     return times, results, picks
 
 
-def bench_ranks(w0, wf):
-    """(first call incl. compile, second call) seconds for every matrix's rank statistics."""
-    args = (w0, wf, jnp.float32(1e-6), jnp.float32(3.0))
+def bench_ranks(w0, wf, method: Optional[str] = None, return_stats: bool = False):
+    """(first call incl. compile, second call) seconds for every matrix's rank statistics
+    [, the host stats {path: {stat: [L]}} of the second call]."""
+    args = (w0, wf, jnp.float32(1e-6), jnp.float32(3.0), method)
     t0 = time.perf_counter()
     jax.device_get(ranks.tree_delta_stats(*args))
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    jax.device_get(ranks.tree_delta_stats(*args))
-    return first, time.perf_counter() - t0
+    stats, _ = jax.device_get(ranks.tree_delta_stats(*args))
+    second = time.perf_counter() - t0
+    return (first, second, stats) if return_stats else (first, second)
+
+
+RANK_KEYS = ("rank", "effective", "stable")
+
+
+def _np_rank_stats(a: np.ndarray) -> Dict[str, float]:
+    """Reference ranks of one fp32 matrix a [m, n] from a float64 SVD (the definitions of
+    `ranks.spectrum_stats`, on a / max|a| in fp32 as there)."""
+    a = a.astype(np.float32)
+    scale = np.max(np.abs(a))
+    if scale == 0:
+        return {k: 0.0 for k in RANK_KEYS}
+    an = (a / scale).astype(np.float64)
+    s = np.linalg.svd(an, compute_uv=False)
+    tol = s[0] * max(a.shape) * np.finfo(np.float32).eps
+    p = s / s.sum()
+    p = p[p > 0]
+    return {"rank": float(np.sum(s > tol)), "effective": float(np.exp(-(p * np.log(p)).sum())),
+            "stable": float((an ** 2).sum() / s[0] ** 2)}
+
+
+def _max_diffs(stats, ref, index=None) -> Dict[str, float]:
+    """max |Δ| of each RANK_KEYS stat over all matrices (or matrix `index` of each path) and
+    the number of matrices whose classical rank differs."""
+    out = {f"max_abs_d_{k}": 0.0 for k in RANK_KEYS}
+    out["n_rank_mismatch"] = 0
+    for path, st in stats.items():
+        for k in RANK_KEYS:
+            a = np.asarray(st[k], np.float64).reshape(-1)
+            b = np.asarray(ref[path][k], np.float64).reshape(-1)
+            if index is not None:
+                a = a[index:index + 1]
+            d = np.abs(a - b)
+            out[f"max_abs_d_{k}"] = max(out[f"max_abs_d_{k}"], float(d.max()))
+            if k == "rank":
+                out["n_rank_mismatch"] += int(np.sum(d > 0))
+    return out
+
+
+def _rank_groups(w0, wf) -> Dict[tuple, jax.Array]:
+    """ΔW of every matrix stacked per (wide-oriented) shape, as `ranks.tree_delta_stats` groups them."""
+    groups: Dict[tuple, list] = {}
+    for p in w0:
+        d = wf[p].astype(jnp.float32) - w0[p].astype(jnp.float32)
+        d = d.reshape((-1,) + d.shape[-2:])
+        if d.shape[1] > d.shape[2]:
+            d = jnp.swapaxes(d, 1, 2)
+        groups.setdefault(tuple(d.shape[1:]), []).append(d)
+    return {s: _block(jnp.concatenate(ds)) for s, ds in groups.items()}
+
+
+def bench_rank_methods(w0, wf, methods: Sequence[str], ref64: bool = True,
+                       by_shape: bool = False) -> Dict[str, dict]:
+    """Per method: first/second call seconds of `ranks.tree_delta_stats` on all matrices, max |Δ|
+    of the ranks vs "svd" (all matrices) and vs a float64 numpy SVD (layer 0 + unstacked
+    matrices), optionally seconds per matrix shape. Unavailable methods: {"skipped": why}."""
+    ref64_stats = None
+    if ref64:
+        ref64_stats = {}
+        for p in w0:
+            layer0 = (lambda w: w[(0,) * (w.ndim - 2)])         # layer 0 of a stacked leaf
+            d = np.asarray(layer0(wf[p]), np.float32) - np.asarray(layer0(w0[p]), np.float32)
+            ref64_stats[p] = {k: [v] for k, v in _np_rank_stats(d).items()}
+    groups = _rank_groups(w0, wf) if by_shape else None
+    out: Dict[str, dict] = {}
+    svd_stats = None
+    for m in ["svd"] + [m for m in methods if m != "svd"]:   # "svd" first: the reference
+        why = ranks.method_unavailable(m)
+        if why is None:
+            try:
+                first, second, stats = bench_ranks(w0, wf, m, return_stats=True)
+            except Exception as e:      # noqa: BLE001  lowering / solver / API missing: note it
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        if why is not None:
+            print(f"note: rank method {m!r} skipped: {why}")
+            out[m] = {"skipped": why}
+            continue
+        r = {"first_call_s": first, "s": second}
+        print(f"  {m}: {second:.2f} s (first call {first:.2f} s)", flush=True)
+        if m == "svd":
+            svd_stats = stats
+        r["vs_svd"] = _max_diffs(stats, svd_stats) if svd_stats is not None else None
+        if ref64_stats is not None:
+            r["vs_f64_layer0"] = _max_diffs(stats, ref64_stats, index=0)
+        if groups is not None:
+            r["s_by_shape"] = {}
+            fn = jax.jit(partial(ranks.spectrum_stats, method=m))
+            for shape, x in groups.items():
+                _block(fn(x))
+                t0 = time.perf_counter()
+                _block(fn(x))
+                r["s_by_shape"][f"{x.shape[0]}x{shape[0]}x{shape[1]}"] = time.perf_counter() - t0
+        out[m] = r
+    return out
+
+
+def print_rank_methods(res: Dict[str, dict], ref64: bool):
+    head = (f"  {'method':<8} {'1st call s':>10} {'2nd s':>7}  vs svd: {'|Δrank| (#)':>12} "
+            f"{'|Δeff|':>8} {'|Δstable|':>9}")
+    if ref64:
+        head += f"  vs f64 (layer 0): {'|Δrank|':>7} {'|Δeff|':>8} {'|Δstable|':>9}"
+    print(head)
+    for m, r in res.items():
+        if "skipped" in r:
+            print(f"  {m:<8} skipped: {r['skipped']}")
+            continue
+        v = r["vs_svd"]
+        line = f"  {m:<8} {r['first_call_s']:>10.2f} {r['s']:>7.2f}          "
+        line += (f"{v['max_abs_d_rank']:>7.0f} ({v['n_rank_mismatch']}) {v['max_abs_d_effective']:>8.2g} "
+                 f"{v['max_abs_d_stable']:>9.2g}") if v else f"{'(no svd reference)':>31}"
+        if ref64:
+            f = r["vs_f64_layer0"]
+            line += (f"                    {f['max_abs_d_rank']:>7.0f} {f['max_abs_d_effective']:>8.2g} "
+                     f"{f['max_abs_d_stable']:>9.2g}")
+        print(line)
+        if "s_by_shape" in r:
+            print("           by shape: " + ", ".join(f"{k} {t:.2f} s" for k, t in r["s_by_shape"].items()))
 
 
 def bench_torch_ranks(w0, wf):
@@ -193,6 +320,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--io_ckpts", type=int, default=0, help="also time save/restore of N checkpoints")
     ap.add_argument("--no_torch_ranks", action="store_true")
     ap.add_argument("--small", action="store_true", help="tiny shapes, 5 checkpoints: CPU seconds")
+    ap.add_argument("--rank_methods", default=None,
+                    help="comma-separated ranks.RANK_METHODS keys: time and compare only these "
+                         f"(choices: {','.join(ranks.RANK_METHODS)})")
+    ap.add_argument("--no_rank_ref64", action="store_true",
+                    help="with --rank_methods: skip the float64 numpy reference on layer 0")
+    ap.add_argument("--rank_by_shape", action="store_true",
+                    help="with --rank_methods: also time each matrix shape on its own")
     ap.add_argument("--json_out", default=None)
     a = ap.parse_args(argv)
     if a.small:
@@ -202,6 +336,8 @@ def main(argv=None) -> dict:
     shapes = shapes_for(a.preset)
     n_w = sum(math.prod(s) for s in shapes.values())
     dev = jax.devices()[0]
+    if a.rank_methods is not None:
+        return main_rank_methods(a, shapes, n_w, dev)
     print(f"device: {dev.device_kind} ({dev.platform}); preset {a.preset}: {n_w:,} tracked weights "
           f"({n_w * 4 / 1e9:.2f} GB fp32) x {a.n_ckpts} checkpoints; views: "
           + ", ".join(v.name for v in views))
@@ -259,6 +395,32 @@ def main(argv=None) -> dict:
     print(f"final density (tau={taus[0]:g}): {res['final_density_pct']:.2f}%")
     for name, val, note in rows:
         print(f"  {name:<{w}}  {val:>14}  {note}")
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+def main_rank_methods(a, shapes, n_w, dev) -> dict:
+    """`--rank_methods` mode: W_0 and the final checkpoint only, then `bench_rank_methods`."""
+    methods = [m.strip() for m in a.rank_methods.split(",") if m.strip()]
+    if not methods:
+        raise UserError("--rank_methods is empty; pass e.g. --rank_methods=svd,gram64")
+    for m in methods:
+        ranks.check_method(m)
+    print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; preset {a.preset}: "
+          f"{n_w:,} tracked weights; rank methods {methods} (default: {ranks.DEFAULT_RANK_METHOD})")
+    key, items = jax.random.key(0), tuple(shapes.items())
+    w0 = _block(_checkpoint(key, items, jnp.float32(0.0)))
+    wf = _block(_checkpoint(key, items, jnp.float32(a.final_density)))
+    t0 = time.perf_counter()
+    res_m = bench_rank_methods(w0, wf, methods, ref64=not a.no_rank_ref64, by_shape=a.rank_by_shape)
+    total = time.perf_counter() - t0
+    print_rank_methods(res_m, ref64=not a.no_rank_ref64)
+    print(f"  (all methods: {total:.1f} s)")
+    res = {"device": dev.device_kind, "jax": jax.__version__, "preset": a.preset, "n_weights": n_w,
+           "default_rank_method": ranks.DEFAULT_RANK_METHOD, "rank_methods": res_m,
+           "rank_methods_total_s": total}
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump(res, f, indent=1)

@@ -44,6 +44,7 @@ class AnalyzeConfig:
     base: Optional[str] = None              # W_0 from another source (series mode) / pair mode base
     final: Optional[str] = None             # pair mode: the fine-tuned model
     progress: bool = True                   # tqdm bar over steps
+    rank_method: Optional[str] = None       # ranks.RANK_METHODS key; None = ranks.DEFAULT_RANK_METHOD
 
 
 def default_out(cfg: AnalyzeConfig) -> str:
@@ -116,11 +117,12 @@ def resolve_source(spec: str) -> _Source:
 # ---------------------------------------------------------------------------- the analysis
 
 
-def _final_stats(w0, wf, shapes, views):
+def _final_stats(w0, wf, shapes, views, rank_method: Optional[str] = None):
     """(final counts per view [V] int64, csv rows of ranks + densities at the smallest tau)."""
     fc = jax.device_get(deltas.step_counts(w0, wf, wf, views))
     tau0 = views[0].tau if views[0].kind == "tau" else 0.0
-    spec, _ = jax.device_get(ranks.tree_delta_stats(w0, wf, np.float32(tau0), np.float32(3.0)))
+    spec, _ = jax.device_get(ranks.tree_delta_stats(w0, wf, np.float32(tau0), np.float32(3.0),
+                                                    rank_method))
     rows = []
     for path in w0:
         if path not in spec:                                   # 1-D leaves: densities only
@@ -161,6 +163,7 @@ def _overlap(w0, wf, other: _Source, paths, views, n_total):
 def analyze(cfg: AnalyzeConfig) -> dict:
     """Runs the analysis, writes the files into `default_out(cfg)`, returns the summary dict."""
     views = deltas.make_views(cfg.taus)
+    rank_method = ranks.check_method(cfg.rank_method)   # before any checkpoint is read
     out_dir = default_out(cfg)
     missing: Dict[int, str] = {}
     if cfg.ckpt_dir:
@@ -202,7 +205,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     deltas.check_same_layout(w0, wf, base.label, final.label)
     n_total = deltas.n_weights(wf)
 
-    final_sizes, rows, final_counts = _final_stats(w0, wf, shapes, views)
+    final_sizes, rows, final_counts = _final_stats(w0, wf, shapes, views, rank_method)
 
     active = {v.name: [None] * len(requested) for v in views}
     inter = {v.name: [None] * len(requested) for v in views}
@@ -230,7 +233,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
         "mode": "series" if cfg.ckpt_dir else "pair", "ckpt_dir": cfg.ckpt_dir,
         "base": base.label, "final": final.label, "base_step": base.step, "final_step": final.step,
         "include": cfg.include or deltas.DEFAULT_INCLUDE, "tracked": paths,
-        "n_tracked_weights": n_total, "steps": requested,
+        "n_tracked_weights": n_total, "steps": requested, "rank_method": rank_method,
         "missing_steps": {str(s): r for s, r in sorted(missing.items())},
         "density_unit": "% of tracked weights", "coverage_unit": "% of the final subnetwork",
         "views": {}}

@@ -31,7 +31,11 @@ def _rewards_proxy(tokens, mask, n_members: int) -> np.ndarray:
 
 def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n_train: int = 64,
         new_tokens: int = 256, prompt_len: int = 128, rank: int = 1, np_include: str = "mlp",
-        last_k: int = 1, micro_members: int = 1, tok_chunk: int = 128, seed: int = 0) -> Dict[str, Any]:
+        last_k: int = 1, micro_members: int = 1, tok_chunk: int = 128, seed: int = 0, mesh: str = "",
+        per_device_pop: int = 0) -> Dict[str, Any]:
+    """mesh: 'data:N,fsdp:M' ('' = all devices on data): population rows split over the devices,
+    the fp32 master over fsdp. per_device_pop > 0: pop = per_device_pop x devices (weak scaling)."""
+    from jaxrl_sparse import parallel
     from jaxrl_sparse.models.config import preset
     from jaxrl_sparse.models.decoder import init_params
     from jaxrl_sparse.rl import es, es_math
@@ -44,7 +48,12 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
         pop, n_train, new_tokens, prompt_len, micro_members, tok_chunk = 4, 2, 8, 16, 2, 16
     cdt = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     key = jax.random.key(seed)
-    params = jax.jit(init_params, static_argnums=0)(cfg, key)
+    msh = parallel.make_mesh(mesh)
+    if per_device_pop > 0:
+        pop = per_device_pop * parallel.batch_size_multiple(msh)
+    parallel.check_batch(pop * n_train, msh, "pop x n_train")
+    params = parallel.init_sharded(lambda k: init_params(cfg, k), msh, key)
+    layout = parallel.param_layout(params, msh)
     tokens = np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (n_train, prompt_len), 10, cfg.vocab_size))
     mask = np.ones_like(tokens)
     gkw = dict(max_new_tokens=new_tokens, greedy=False, temperature=1.0, eos_token_id=None, pad_token_id=0,
@@ -52,6 +61,7 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
     cast = es.CastFn(cdt)
     sigma, alpha = 0.001, 0.001
     results: Dict[str, Any] = {"device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
+                               "mesh": dict(msh.shape),
                                "model": "qwen2.5-1.5b" + (" (small)" if small else ""), "pop": pop,
                                "n_train": n_train, "new_tokens": new_tokens, "prompt_len": prompt_len,
                                "methods": {}}
@@ -63,15 +73,16 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
         t0 = time.perf_counter()
         if method == "np":
             scales = perturb.np_scales(cfg, np_include, last_k, 0.005)
-            out, rk, pt, pm = es.np_generate(state, cfg, tokens, mask, mkeys, scales, kg, gkw, cast)
+            out, rk, pt, pm = es.np_generate(state, cfg, tokens, mask, mkeys, scales, kg, gkw, cast, mesh=msh)
             gt, gm = jax.block_until_ready((out.tokens, out.mask))
         elif method == "lowrank":
             lr = es.LowRankFn(perturb.lowrank_paths(state, ""), rank, cdt)
-            out = es.lowrank_generate(state, cfg, tokens, mask, mkeys, sigma, kg, gkw, lr)
+            out = es.lowrank_generate(state, cfg, tokens, mask, mkeys, sigma, kg, gkw, lr, mesh=msh)
             gt, gm = jax.block_until_ready((out.tokens, out.mask))
         else:
             pfn = es.PerturbFn(sigma, perturb.leaf_paths(state, ""), cdt)
-            gt, gm = es.fullrank_generate(state, cfg, tokens, mask, mkeys, kg, gkw, pfn)
+            gt, gm = es.fullrank_generate(state, cfg, tokens, mask, mkeys, kg, gkw, pfn,
+                                          mesh=msh if n_train % parallel.batch_size_multiple(msh) == 0 else False)
         t1 = time.perf_counter()
         r = _rewards_proxy(gt, gm, pop)
         z = np.asarray(es_math.zscore(r + 1e-3 * np.arange(pop))) * signs   # never all-zero
@@ -79,21 +90,24 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
         if method == "np":
             fn = es._replay_fn(cfg, np_include, last_k, tok_chunk, es.np_micro_members(pop, micro_members) * n_train,
                                cdt)
-            row_coef = jnp.repeat(jnp.asarray(z * alpha / (pop * 0.005), jnp.float32), n_train)
-            toks = jnp.concatenate([jnp.asarray(pt), jnp.asarray(gt)], 1)
-            msk = jnp.concatenate([jnp.asarray(pm).astype(bool), jnp.asarray(gm)], 1)
-            delta = fn(state, toks, msk, es_math.np_contrib_mask(pm, gm), rk, row_coef, scales)
-            state = jax.jit(es_math.apply_delta, donate_argnums=(0,))(state, delta)
+            gt, gm = parallel.to_host((gt, gm))
+            row_coef = np.repeat(np.asarray(z * alpha / (pop * 0.005), np.float32), n_train)
+            toks = np.concatenate([np.asarray(pt), gt], 1)
+            msk = np.concatenate([np.asarray(pm).astype(bool), gm.astype(bool)], 1)
+            rows = parallel.put_batch((toks, msk, np.asarray(es_math.np_contrib_mask(pm, gm)), np.asarray(rk),
+                                       row_coef), msh)
+            delta = fn(state, *rows, scales)
+            state = jax.jit(es_math.apply_delta, donate_argnums=(0,), out_shardings=layout.tree)(state, delta)
         elif method == "lowrank":
-            state = es._lowrank_update_fn(alpha, lr.paths, rank)(state, mkeys, jnp.asarray(z))
+            state = es._lowrank_update_fn(alpha, lr.paths, rank, layout)(state, mkeys, jnp.asarray(z))
         else:
-            state = es._wp_update_fn(alpha, pfn.paths)(state, mkeys, jnp.asarray(z))
+            state = es._wp_update_fn(alpha, pfn.paths, layout)(state, mkeys, jnp.asarray(z))
         jax.block_until_ready(state)
         t3 = time.perf_counter()
         return state, {"generate_s": t1 - t0, "reward_s": t2 - t1, "update_s": t3 - t2, "total_s": t3 - t0}
 
     for m in methods:
-        state = jax.tree_util.tree_map(jnp.copy, params)
+        state = jax.jit(lambda p: p, out_shardings=layout.tree)(params)  # a copy (donated by updates)
         t = time.perf_counter()
         state, _ = iteration(m, 0, state)
         first = time.perf_counter() - t
@@ -118,11 +132,15 @@ def main(argv: Optional[List[str]] = None):
     ap.add_argument("--last_k", type=int, default=1)
     ap.add_argument("--micro_members", type=int, default=1, help="NP replay: members per micro-batch")
     ap.add_argument("--tok_chunk", type=int, default=128, help="NP replay: tokens per chunk")
+    ap.add_argument("--mesh", default="", help="device mesh data:N,fsdp:M ('' = all visible devices on data)")
+    ap.add_argument("--per_device_pop", type=int, default=0,
+                    help="weak scaling: pop = this x devices (0 = --pop, strong scaling)")
     ap.add_argument("--out", default="", help="append the result as one JSON line to this file")
     a = ap.parse_args(argv)
     res = run(a.small, tuple(m for m in a.methods.split(",") if m), a.pop, a.n_train, a.new_tokens,
-              a.prompt_len, a.rank, a.np_include, a.last_k, a.micro_members, a.tok_chunk)
-    print(f"ES iteration on {res['device']} x{res['n_devices']}: {res['model']}, pop {res['pop']}, "
+              a.prompt_len, a.rank, a.np_include, a.last_k, a.micro_members, a.tok_chunk, mesh=a.mesh,
+              per_device_pop=a.per_device_pop)
+    print(f"ES iteration on {res['device']} x{res['n_devices']} (mesh {res['mesh']}): {res['model']}, pop {res['pop']}, "
           f"n_train {res['n_train']}, {res['new_tokens']} new tokens (fixed), prompt {res['prompt_len']}")
     print("| method | generate s | reward s | update s | s / iteration | vs seed 164 s |")
     print("|---|---|---|---|---|---|")

@@ -78,7 +78,8 @@ def bench_hf(cfg, batch: int, prompt_len: int, new_tokens: int, dtype: str, repe
 
 def bench_one(model: str, batch: int, prompt_len: int, new_tokens: int, dtype: str = "bfloat16",
               repeats: int = 3, hf: bool = True, seed: int = 0, copy_bw: Optional[float] = None,
-              layer_unroll: Optional[int] = None, steps_per_sync: int = 1) -> Dict[str, Any]:
+              layer_unroll: Optional[int] = None, steps_per_sync: int = 1,
+              layer_loop: Optional[bool] = None) -> Dict[str, Any]:
     """One benchmark row (see module doc)."""
     import jax
     import jax.numpy as jnp
@@ -98,7 +99,7 @@ def bench_one(model: str, batch: int, prompt_len: int, new_tokens: int, dtype: s
         return generate(params, cfg, prompts, mask, jax.random.fold_in(key, 2), max_new_tokens=new_tokens,
                         temperature=1.0, top_k=TOP_K, top_p=1.0, min_new_tokens=new_tokens,
                         fixed_length=True, bucket=False, layer_unroll=layer_unroll,
-                        steps_per_sync=steps_per_sync)
+                        steps_per_sync=steps_per_sync, layer_loop=layer_loop)
 
     t = common.time_calls(run, repeats=repeats)
     out = t["out"]
@@ -122,7 +123,8 @@ def bench_one(model: str, batch: int, prompt_len: int, new_tokens: int, dtype: s
                prefill_ms=pre * 1e3, compile_s=max(t["first_s"] - total, 0.0),
                peak_mem_gib=None if peak is None else peak / 2 ** 30, weight_gib=w_bytes / 2 ** 30,
                kv_gib=kv_bytes / 2 ** 30, copy_tb_s=copy_bw / 1e12, roofline_ms_per_step=roof_step * 1e3,
-               roofline_frac=roof_step / step, top_k=TOP_K, layer_unroll=layer_unroll, steps_per_sync=steps_per_sync, **common.device_info())
+               roofline_frac=roof_step / step, top_k=TOP_K, layer_unroll=layer_unroll, steps_per_sync=steps_per_sync,
+               layer_loop=layer_loop, **common.device_info())
     del params, out
     if hf:
         h = bench_hf(cfg, batch, prompt_len, new_tokens, dtype, repeats, seed)
@@ -145,6 +147,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                     help="decode steps per while-loop iteration (each loop test syncs with the host)")
     ap.add_argument("--layer_unroll", type=int, default=None,
                     help="layers per decode-scan iteration (default: all on GPU, 1 on CPU)")
+    ap.add_argument("--layer_loop", type=int, default=None, choices=[0, 1],
+                    help="1: one KV buffer per layer, layers unrolled; 0: stacked cache in a layer scan "
+                         "(default: 1 on accelerators)")
     ap.add_argument("--out", default=None, help="append one JSON line per config here")
     a = ap.parse_args(argv)
     from jaxrl_sparse.errors import UserError
@@ -163,7 +168,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     print(common.markdown_table([], COLUMNS))
     for m, b, p, n in shapes:
         row = bench_one(m, b, p, n, a.dtype, a.repeats, hf, a.seed, copy_bw=bw, layer_unroll=a.layer_unroll,
-                        steps_per_sync=a.steps_per_sync)
+                        steps_per_sync=a.steps_per_sync,
+                        layer_loop=None if a.layer_loop is None else bool(a.layer_loop))
         rows.append(row)
         print(common.markdown_table([row], COLUMNS).split("\n")[-1], flush=True)
         common.append_jsonl(a.out, row)

@@ -21,10 +21,17 @@ SETTINGS = {
     "fast": (128, 128, 4, 8, 32, "bfloat16", 0, 1.0, 1.72),
     "seed": (16, 4, 4, 16, 64, "float32", 50, 0.95, 5.20),
     "small": (4, 2, 2, 4, 4, "float32", 0, 1.0, None),
+    # one short step at fp32 for large shapes (e.g. --model=qwen2.5-7b --mesh=fsdp:4: params, the
+    # reference copy, Adam moments and gradients are ~150 GB, more than one H200 holds)
+    "big": (8, 8, 1, 16, 16, "float32", 0, 1.0, None),
 }
 
 
-def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed: int = 0) -> Dict[str, Any]:
+def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed: int = 0, mesh: str = "",
+                  per_device_batch: int = 0) -> Dict[str, Any]:
+    """mesh: 'data:N,fsdp:M' ('' = all devices on data). per_device_batch > 0: the batch is this
+    many rows per device (weak scaling), mini-batches keep the setting's batch/mini-batch ratio."""
+    from jaxrl_sparse import parallel
     from jaxrl_sparse.generate import generate
     from jaxrl_sparse.models import classifier as clf
     from jaxrl_sparse.models.config import preset
@@ -33,6 +40,11 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     from jaxrl_sparse.rl import ppo
 
     B, mb, epochs, Q, N, dtype, top_k, top_p, peer = SETTINGS[name]
+    msh = parallel.make_mesh(mesh)
+    n_rows = parallel.batch_size_multiple(msh)
+    if per_device_batch > 0:
+        B, mb, peer = per_device_batch * n_rows, per_device_batch * n_rows * mb // B, None
+    parallel.check_batch(B, msh, "the benchmark batch")
     small = name == "small"
     mcfg = preset("gpt2" if small else model, param_dtype=dtype, dtype=dtype)
     if small:
@@ -42,18 +54,20 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     if small:
         ccfg = clf.distilbert_base_config(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128)
     k = jax.random.key(seed)
-    params = jax.jit(lambda key: init_params(mcfg, key))(k)
-    ref = jax.tree_util.tree_map(jnp.copy, params)
-    cparams = jax.jit(lambda key: clf.init_params(ccfg, key))(jax.random.fold_in(k, 1))
+    # random weights created directly sharded (fsdp), never whole on one device
+    params = parallel.init_sharded(lambda key: init_params(mcfg, key), msh, k)
+    ref = jax.jit(lambda p: p, out_shardings=parallel.param_shardings(params, msh))(params)  # a copy
+    cparams = parallel.init_sharded(lambda key: clf.init_params(ccfg, key), msh, jax.random.fold_in(k, 1))
     pcfg = ppo.PPOConfig(batch_size=B, mini_batch_size=mb, ppo_epochs=epochs, query_len=Q,
                          output_min_length=N, output_max_length=N, top_k=top_k, top_p=top_p,
                          param_dtype=dtype, compute_dtype=dtype)
-    trainable = {"model": params, "value_head": init_value_head(mcfg.hidden_size, k)}
+    trainable = {"model": params, "value_head": parallel.put_params(init_value_head(mcfg.hidden_size, k), msh)}
     opt = ppo.make_optimizer(pcfg)
-    state = {"trainable": trainable, "opt_state": opt.init(trainable)}
+    opt_sh = parallel.param_shardings(jax.eval_shape(opt.init, trainable), msh)
+    state = {"trainable": trainable, "opt_state": jax.jit(opt.init, out_shardings=opt_sh)(trainable)}
     key = ppo.compile_key(pcfg)
-    score_fn = ppo.make_score_fn(mcfg, Q)
-    update_fn = ppo.make_update_fn(mcfg, key, Q)
+    score_fn = ppo.make_score_fn(mcfg, Q, msh)
+    update_fn = ppo.make_update_fn(mcfg, key, Q, msh, parallel.param_layout(state, msh))
 
     @jax.jit
     def reward(tokens):
@@ -62,25 +76,24 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
         return 0.02 * (logits[:, 1] - logits[:, 0])
 
     rng = np.random.default_rng(seed)
-    q_tok = jnp.asarray(rng.integers(0, mcfg.vocab_size, (B, Q)), jnp.int32)
-    q_mask = jnp.ones((B, Q), jnp.int32)
+    q_tok = rng.integers(0, mcfg.vocab_size, (B, Q)).astype(np.int32)
+    q_mask = np.ones((B, Q), np.int32)
 
     def iteration(i, state):
         kk = jax.random.fold_in(k, 100 + i)
         t0 = time.perf_counter()
         gen = generate(state["trainable"]["model"], mcfg, q_tok, q_mask, kk, max_new_tokens=N,
-                       top_k=top_k, top_p=top_p, fixed_length=True, eos_token_id=[])
+                       top_k=top_k, top_p=top_p, fixed_length=True, eos_token_id=[], mesh=msh)
         jax.block_until_ready(gen.tokens)
         t1 = time.perf_counter()
-        tokens = jnp.concatenate([q_tok, gen.tokens], axis=1)
+        tokens = parallel.put_batch(jnp.concatenate([parallel.put_batch(q_tok, msh), gen.tokens], axis=1), msh)
         scores = jax.block_until_ready(reward(tokens))
         t2 = time.perf_counter()
-        mask = jnp.ones_like(tokens)
-        resp = jnp.ones((B, N), jnp.float32)
+        mask, resp = parallel.put_batch((np.ones(tokens.shape, np.int32), np.ones((B, N), np.float32)), msh)
         lp, v, rlp, klf = score_fn(state["trainable"], ref, tokens, mask, key)
         adv, ret, vals, _ = ppo.compute_advantages(key, scores, lp, rlp, v, resp, jnp.float32(0.2), klf)
-        batch = {"tokens": tokens, "mask": mask, "resp_mask": resp, "logprobs": lp, "values": vals,
-                 "advantages": adv, "returns": ret}
+        batch = parallel.put_batch({"tokens": tokens, "mask": mask, "resp_mask": resp, "logprobs": lp,
+                                    "values": vals, "advantages": adv, "returns": ret}, msh)
         state, stats = update_fn(state, batch, kk, None)
         jax.block_until_ready(stats)
         t3 = time.perf_counter()
@@ -94,13 +107,16 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
         state, ph = iteration(i + 1, state)
         times.append(ph)
     rollout, rew, upd = (float(np.median([x[j] for x in times])) for j in range(3))
+    peak_mem = [peak_memory_bytes(d) or 0 for d in msh.local_devices]
     total = rollout + rew + upd
     row = {"setting": name, "model": mcfg.family if small else model, "batch": B, "mini_batch": mb,
            "epochs": epochs, "query": Q, "response": N, "dtype": dtype,
            "rollout_s": rollout, "reward_s": rew, "update_s": upd, "s_per_iter": total,
            "samples_per_s": B / total, "first_iter_s": compile_s,
            "peer_s_per_iter": peer, "peer_samples_per_s": (B / peer) if peer else None,
-           "speedup": (peer / total) if peer else None, "peak_mem_gb": (peak_memory_bytes() or 0) / 1e9,
+           "speedup": (peer / total) if peer else None, "mesh": dict(msh.shape),
+           "per_device_batch": B // n_rows,
+           "peak_mem_gb": max(peak_mem) / 1e9, "peak_mem_gb_per_device": [m / 1e9 for m in peak_mem],
            **device_info()}
     return row
 
@@ -113,10 +129,16 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     _f.DEFINE_string("model", "gpt2-medium", "policy shape (random weights)", flag_values=fv)
     _f.DEFINE_integer("repeats", 3, "timed iterations after the compile one", flag_values=fv)
     _f.DEFINE_string("out", "", "append JSON lines here", flag_values=fv)
+    _f.DEFINE_string("mesh", "", "device mesh 'data:N,fsdp:M' ('' = all visible devices on data)", flag_values=fv)
+    _f.DEFINE_integer("per_device_batch", 0, "rows per device (weak scaling); 0 = the setting's global batch",
+                      flag_values=fv)
     fv(["bench ppo"] + list(argv or []))
     rows = []
     for s in fv.settings:
-        row = bench_setting(s, fv.model, fv.repeats)
+        if s not in SETTINGS:
+            from jaxrl_sparse.errors import UserError
+            raise UserError(f"--settings: unknown {s!r}; choose {', '.join(SETTINGS)}")
+        row = bench_setting(s, fv.model, fv.repeats, mesh=fv.mesh, per_device_batch=fv.per_device_batch)
         rows.append(row)
         append_jsonl(fv.out or None, {"bench": "ppo", **row})
     print(markdown_table(rows, [("setting", "setting"), ("batch", "B"), ("mini_batch", "mb"),
@@ -125,5 +147,6 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                                 ("update_s", "update s"), ("s_per_iter", "s/iter"),
                                 ("samples_per_s", "samples/s"), ("peer_s_per_iter", "TRL s/iter"),
                                 ("speedup", "× TRL"), ("first_iter_s", "1st iter (compile) s"),
+                                ("peak_mem_gb", "peak GB/device"), ("n_devices", "devices"),
                                 ("device", "device")]))
     return rows

@@ -16,6 +16,7 @@ Conventions
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Dict, NamedTuple, Optional
 
 import flax.linen as nn
@@ -107,6 +108,33 @@ def _act(cfg: ModelConfig, x):
     return jax.nn.gelu(x, approximate=True)
 
 
+# 'xla' (default) | 'cudnn': one fused cuDNN kernel for single-token (decode) attention on GPUs.
+# Opt-in: +6-16% decode tok/s on an H200 (BENCHMARKS.md), not yet checked against 'xla' on a GPU.
+ATTENTION_IMPL = os.environ.get("JAXRL_ATTENTION", "xla")
+
+
+def attention(cfg: ModelConfig, q, keys, vals, mask):
+    """Grouped-query attention: q [B, T, H, hd], keys/vals [B, S, K, hd], mask [B, T, S] -> [B, T, H, hd].
+
+    softmax(q·kᵀ · attn_scale [softcapped], masked) · v with fp32 scores. 'cudnn' (JAXRL_ATTENTION=cudnn)
+    calls `jax.nn.dot_product_attention(implementation='cudnn')`, one fused kernel, for decode steps
+    (T == 1: every query row sees at least one key) of models without an attention softcap.
+    """
+    B, T, H, hd = q.shape
+    K = keys.shape[2]
+    if ATTENTION_IMPL == "cudnn" and T == 1 and not cfg.attn_logit_softcap:
+        return jax.nn.dot_product_attention(q, keys.astype(q.dtype), vals.astype(q.dtype),
+                                            mask=mask[:, None], scale=cfg.attn_scale, implementation="cudnn")
+    qg = q.reshape(B, T, K, H // K, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * cfg.attn_scale
+    if cfg.attn_logit_softcap:
+        scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+    scores = jnp.where(mask[:, None, None], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(vals.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, vals).reshape(B, T, H, hd)
+
+
 class Block(nn.Module):
     """One transformer block; scanned over layers. Carry: (x, k_cache, v_cache)."""
     cfg: ModelConfig
@@ -128,20 +156,18 @@ class Block(nn.Module):
             sin = jnp.where(is_sliding, ctx["sin_local"], ctx["sin"])
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         idx = ctx["cache_index"]
-        k_cache = jax.lax.dynamic_update_slice(
-            k_cache, k.astype(k_cache.dtype)[None], (layer, 0, idx, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(
-            v_cache, v.astype(v_cache.dtype)[None], (layer, 0, idx, 0, 0))
-        keys, vals = k_cache[layer], v_cache[layer]  # [B, S, K, hd]
+        if k_cache.ndim == 4:  # this layer's own cache buffer [B, S, K, hd] (layer-loop decoding)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, idx, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, idx, 0, 0))
+            keys, vals = k_cache, v_cache
+        else:  # stacked [L, B, S, K, hd] in the scan carry
+            k_cache = jax.lax.dynamic_update_slice(
+                k_cache, k.astype(k_cache.dtype)[None], (layer, 0, idx, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(
+                v_cache, v.astype(v_cache.dtype)[None], (layer, 0, idx, 0, 0))
+            keys, vals = k_cache[layer], v_cache[layer]  # [B, S, K, hd]
         mask = jnp.where(is_sliding, ctx["mask_local"], ctx["mask"])  # [B, T, S]
-        qg = q.reshape(B, T, K, H // K, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype),
-                            preferred_element_type=jnp.float32) * cfg.attn_scale
-        if cfg.attn_logit_softcap:
-            scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
-        scores = jnp.where(mask[:, None, None], scores, -1e30)
-        probs = jax.nn.softmax(scores, axis=-1).astype(vals.dtype)
-        o = jnp.einsum("bkgts,bskd->btkgd", probs, vals).reshape(B, T, H * hd).astype(x.dtype)
+        o = attention(cfg, q, keys, vals, mask).reshape(B, T, H * hd).astype(x.dtype)
         o = attn.out(o)
         o = _add_noise(ctx["noise"], "attn", layer,
                        None if ctx["noise"] is None else ctx["noise"].attn_scale[layer], o, ctx["positions"])
@@ -235,6 +261,42 @@ def _attention_masks(cfg: ModelConfig, kv_mask, cache_index, T: int):
     return glob, local
 
 
+def _prepare(cfg: ModelConfig, tokens, attention_mask, positions, cache, noise):
+    """Shared by the scanned and the layer-loop forward: masks, positions and the per-layer context.
+
+    Returns (attention_mask bool [B,T], kv_mask [B,S], positions [B,T], ctx, cache index).
+    """
+    B, T = tokens.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, T), jnp.bool_)
+    attention_mask = attention_mask.astype(jnp.bool_)
+    idx = cache["index"]
+    kv_mask = jax.lax.dynamic_update_slice(cache["mask"], attention_mask, (0, idx))
+    if positions is None:
+        before = jnp.sum(cache["mask"], axis=1, dtype=jnp.int32)[:, None]
+        positions = jnp.maximum(before + jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1, 0)
+    glob, local = _attention_masks(cfg, kv_mask, idx, T)
+    ctx = {"mask": glob, "mask_local": local, "positions": positions, "cache_index": idx,
+           "sliding": jnp.asarray(cfg.sliding_layers), "noise": noise}
+    if cfg.positional == "rope":
+        ctx["cos"], ctx["sin"] = rope_tables(positions, cfg.head_dim, cfg.rope_theta,
+                                             cfg.rope_scaling_factor)
+        local_theta = cfg.rope_local_theta or cfg.rope_theta
+        local_factor = 1.0 if cfg.rope_local_theta else cfg.rope_scaling_factor
+        ctx["cos_local"], ctx["sin_local"] = rope_tables(positions, cfg.head_dim, local_theta, local_factor)
+    return attention_mask, kv_mask, positions, ctx, idx
+
+
+def _embed(cfg: ModelConfig, table, pos_table, tokens, positions):
+    """Token (+ learned position) embeddings in the compute dtype; Gemma's sqrt(D) scaling."""
+    x = jnp.take(table, tokens, axis=0).astype(_dt(cfg.dtype))
+    if cfg.is_gemma:  # Gemma scales embeddings by sqrt(D), rounded to the compute dtype as HF does
+        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), _dt(cfg.dtype))
+    if pos_table is not None:
+        x = x + jnp.take(pos_table, positions, axis=0).astype(x.dtype)
+    return x
+
+
 class Decoder(nn.Module):
     """Decoder-only LM. `__call__(tokens, attention_mask, positions, cache, noise)`."""
     cfg: ModelConfig
@@ -247,37 +309,18 @@ class Decoder(nn.Module):
                  logits_last: Optional[int] = None) -> DecoderOutput:
         cfg = self.cfg
         B, T = tokens.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((B, T), jnp.bool_)
-        attention_mask = attention_mask.astype(jnp.bool_)
         use_cache = cache is not None
         if not use_cache:
             cache = init_cache(cfg, B, T)
-        idx = cache["index"]
-        kv_mask = jax.lax.dynamic_update_slice(cache["mask"], attention_mask, (0, idx))
-        if positions is None:
-            before = jnp.sum(cache["mask"], axis=1, dtype=jnp.int32)[:, None]
-            positions = jnp.maximum(before + jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1, 0)
-
+        attention_mask, kv_mask, positions, ctx, idx = _prepare(cfg, tokens, attention_mask, positions,
+                                                                cache, noise)
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=_dt(cfg.param_dtype),
                          embedding_init=nn.initializers.normal(0.02), name="embed")
-        x = embed(tokens).astype(_dt(cfg.dtype))
-        if cfg.is_gemma:  # Gemma scales embeddings by sqrt(D), rounded to the compute dtype as HF does
-            x = x * jnp.asarray(math.sqrt(cfg.hidden_size), _dt(cfg.dtype))
+        pe = None
         if cfg.is_gpt2:
             pe = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, param_dtype=_dt(cfg.param_dtype),
                           embedding_init=nn.initializers.normal(0.01), name="pos_embed")
-            x = x + pe(positions).astype(x.dtype)
-
-        glob, local = _attention_masks(cfg, kv_mask, idx, T)
-        ctx = {"mask": glob, "mask_local": local, "positions": positions, "cache_index": idx,
-               "sliding": jnp.asarray(cfg.sliding_layers), "noise": noise}
-        if cfg.positional == "rope":
-            ctx["cos"], ctx["sin"] = rope_tables(positions, cfg.head_dim, cfg.rope_theta,
-                                                 cfg.rope_scaling_factor)
-            local_theta = cfg.rope_local_theta or cfg.rope_theta
-            local_factor = 1.0 if cfg.rope_local_theta else cfg.rope_scaling_factor
-            ctx["cos_local"], ctx["sin_local"] = rope_tables(positions, cfg.head_dim, local_theta, local_factor)
+        x = _embed(cfg, embed.embedding, None if pe is None else pe.embedding, tokens, positions)
 
         block = Block
         if self.remat:
@@ -300,12 +343,69 @@ class Decoder(nn.Module):
                 logits = embed.attend(xh.astype(_dt(cfg.dtype)))
             else:
                 logits = _dense(cfg, cfg.vocab_size, "lm_head", False)(xh)
-            logits = logits.astype(jnp.float32)
-            if noise is not None:
-                logits = _add_noise(noise, "head", 0, noise.head_scale, logits, pos_h)
-            if cfg.final_logit_softcap:
-                logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+            logits = _finish_logits(cfg, logits, noise, pos_h)
         return DecoderOutput(logits, x, new_cache)
+
+
+def _finish_logits(cfg: ModelConfig, logits, noise: Optional[ActNoise], positions):
+    """float32, head noise (ES node perturbation), final softcap."""
+    logits = logits.astype(jnp.float32)
+    if noise is not None:
+        logits = _add_noise(noise, "head", 0, noise.head_scale, logits, positions)
+    if cfg.final_logit_softcap:
+        logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    return logits
+
+
+def split_cache(cache: Dict[str, Any]) -> Dict[str, Any]:
+    """Stacked cache (k, v [L, B, S, K, hd]) -> one buffer per layer (tuples of [B, S, K, hd]).
+
+    With per-layer buffers, `forward` runs the layers as an unrolled Python loop: each decode step
+    updates every buffer in place and attention reads it directly, where a stacked cache makes XLA
+    copy the layer's slice out before each attention (two cache-sized copies per layer per step).
+    """
+    if isinstance(cache["k"], (tuple, list)):
+        return cache
+    L = cache["k"].shape[0]
+    return dict(cache, k=tuple(cache["k"][l] for l in range(L)), v=tuple(cache["v"][l] for l in range(L)))
+
+
+def split_layers(layers) -> tuple:
+    """Stacked layer parameters (leading axis L) -> a tuple of L per-layer trees (no-op if split).
+
+    The sampler splits once before its decode loop: slicing a layer out of the stacked weights
+    inside the loop costs a device copy of every weight matrix at every step.
+    """
+    if isinstance(layers, (tuple, list)):
+        return tuple(layers)
+    L = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    return tuple(jax.tree_util.tree_map(lambda a: a[l], layers) for l in range(L))
+
+
+def _forward_layer_loop(params, cfg: ModelConfig, tokens, attention_mask, positions, cache, noise,
+                        compute_logits: bool, logits_last: Optional[int]) -> DecoderOutput:
+    """`forward` with per-layer cache buffers: the same Block, applied layer by layer (unrolled)."""
+    T = tokens.shape[1]
+    _, kv_mask, positions, ctx, idx = _prepare(cfg, tokens, attention_mask, positions, cache, noise)
+    pos_table = params["pos_embed"]["embedding"] if cfg.is_gpt2 else None
+    x = _embed(cfg, params["embed"]["embedding"], pos_table, tokens, positions)
+    block = Block(cfg)
+    layers = split_layers(params["layers"])
+    ks, vs = [], []
+    for l in range(cfg.num_layers):
+        p_l = layers[l]
+        (x, k_l, v_l), _ = block.apply({"params": p_l}, (x, cache["k"][l], cache["v"][l]), l, ctx)
+        ks.append(k_l)
+        vs.append(v_l)
+    x = make_norm(cfg, "final_norm").apply({"params": params["final_norm"]}, x)
+    new_cache = {"k": tuple(ks), "v": tuple(vs), "mask": kv_mask, "index": idx + T}
+    logits = None
+    if compute_logits:
+        xh, pos_h = x, positions
+        if logits_last is not None:
+            xh, pos_h = x[:, -logits_last:], positions[:, -logits_last:]
+        logits = _finish_logits(cfg, _head_matmul(params, cfg, xh), noise, pos_h)
+    return DecoderOutput(logits, x, new_cache)
 
 
 def init_params(cfg: ModelConfig, key, seq_len: int = 4) -> Dict[str, Any]:
@@ -331,8 +431,20 @@ def forward(params, cfg: ModelConfig, tokens, attention_mask=None, positions=Non
     logits_last: when set, logits [B, logits_last, V] for the last slots only (hidden stays [B, T, D]).
     unroll: layers per iteration of the layer scan (same result; trades compile time for speed).
     """
+    if cache is not None and isinstance(cache["k"], (tuple, list)):  # per-layer buffers: see split_cache
+        return _forward_layer_loop(params, cfg, tokens, attention_mask, positions, cache, noise,
+                                   compute_logits, logits_last)
     return Decoder(cfg, remat=remat, unroll=unroll).apply({"params": params}, tokens, attention_mask, positions, cache,
                                            noise, compute_logits, logits_last)
+
+
+def _head_matmul(params, cfg: ModelConfig, hidden):
+    """hidden [..., D] -> raw head output [..., V] in the compute dtype (tied or untied head)."""
+    dt = _dt(cfg.dtype)
+    h = hidden.astype(dt)
+    if cfg.tie_embeddings:
+        return jnp.einsum("...d,vd->...v", h, params["embed"]["embedding"].astype(dt))
+    return jnp.einsum("...d,dv->...v", h, params["lm_head"]["kernel"].astype(dt))
 
 
 def lm_logits(params, cfg: ModelConfig, hidden) -> jax.Array:
@@ -341,13 +453,4 @@ def lm_logits(params, cfg: ModelConfig, hidden) -> jax.Array:
     Lets trainers run the trunk with `compute_logits=False` and project only the positions they
     score (the response tokens), instead of materialising `[B, T, V]` for the whole sequence.
     """
-    dt = _dt(cfg.dtype)
-    h = hidden.astype(dt)
-    if cfg.tie_embeddings:
-        logits = jnp.einsum("...d,vd->...v", h, params["embed"]["embedding"].astype(dt))
-    else:
-        logits = jnp.einsum("...d,dv->...v", h, params["lm_head"]["kernel"].astype(dt))
-    logits = logits.astype(jnp.float32)
-    if cfg.final_logit_softcap:
-        logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
-    return logits
+    return _finish_logits(cfg, _head_matmul(params, cfg, hidden), None, None)

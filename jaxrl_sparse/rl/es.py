@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_sparse import checkpoint
+from jaxrl_sparse import checkpoint, parallel
 from jaxrl_sparse.errors import UserError
 from jaxrl_sparse.metrics import is_writer
 from jaxrl_sparse.models.config import ModelConfig
@@ -79,6 +79,7 @@ class ESConfig:
     temperature: float = 1.0          # sampling temperature when --nogreedy
     save_every: int = 10              # Orbax checkpoint every N iterations (and at the end)
     export_final: bool = True         # write final_model/ as a HF folder
+    mesh: str = ""                    # device mesh 'data:N,fsdp:M' ('' = all devices on data); population rows split over data x fsdp, master weights over fsdp
 
     # ------------------------------------------------------------------ derived settings
     @property
@@ -254,7 +255,7 @@ def lowrank_generate(params, mcfg, tokens, mask, mkeys, sigma, key, gkw, lr_fn: 
                         params_fn=lr_fn, mesh=mesh, **gkw)
 
 
-def fullrank_generate(params, mcfg, tokens, mask, mkeys, key, gkw, pfn: PerturbFn):
+def fullrank_generate(params, mcfg, tokens, mask, mkeys, key, gkw, pfn: PerturbFn, mesh=None):
     """Full-rank WP rollouts: one generate call per member (its n_train rows sharded over the mesh),
     theta + sigma eps built inside the jit. Returns (tokens [N*M, T], mask [N*M, T]) member-major."""
     from jaxrl_sparse.generate import generate
@@ -262,9 +263,11 @@ def fullrank_generate(params, mcfg, tokens, mask, mkeys, key, gkw, pfn: PerturbF
     kd = jax.vmap(jax.random.key_data)(mkeys)
     toks, masks = [], []
     for n in range(N):
-        out = generate({"model": params, "key": kd[n]}, mcfg, tokens, mask, key, params_fn=pfn, **gkw)
-        toks.append(np.asarray(out.tokens))
-        masks.append(np.asarray(out.mask))
+        out = generate({"model": params, "key": kd[n]}, mcfg, tokens, mask, key, params_fn=pfn, mesh=mesh,
+                       **gkw)
+        t, m = parallel.to_host((out.tokens, out.mask))
+        toks.append(t)
+        masks.append(m)
     return np.concatenate(toks), np.concatenate(masks)
 
 
@@ -280,10 +283,15 @@ def decode_rows(tok, tokens, mask) -> List[str]:
 
 
 def member_rewards(tok, tokens, mask, golds, n_members: int) -> np.ndarray:
-    """[N] mean exact-match reward per member (rows member-major, golds for one member's rows)."""
-    texts = decode_rows(tok, tokens, mask)
-    r = math_task.score_completions(texts, list(golds) * n_members)
-    return r.reshape(n_members, -1).mean(axis=1)
+    """[N] mean exact-match reward per member (rows member-major, golds for one member's rows).
+
+    Each process decodes and scores its own share of the rows (`parallel.process_rows`)."""
+    rows = parallel.process_rows(len(tokens)) if len(tokens) % jax.process_count() == 0 else slice(None)
+    texts = decode_rows(tok, np.asarray(tokens)[rows], np.asarray(mask)[rows])
+    r = math_task.score_completions(texts, (list(golds) * n_members)[rows])
+    if rows != slice(None):
+        r = parallel.allgather_rows(np.asarray(r, np.float32))
+    return np.asarray(r).reshape(n_members, -1).mean(axis=1)
 
 
 def np_micro_members(pop: int, want: int) -> int:
@@ -302,14 +310,16 @@ def _replay_fn(mcfg, include, last_k, tok_chunk, micro_rows, cdt):
 
 
 @functools.lru_cache(maxsize=8)
-def _wp_update_fn(alpha, paths):
-    return jax.jit(functools.partial(es_math.wp_update, alpha=alpha, paths=paths), donate_argnums=(0,))
+def _wp_update_fn(alpha, paths, layout: Optional[parallel.Layout] = None):
+    """jit (params, member keys, coefs) -> params; layout: the params' shardings (kept)."""
+    return jax.jit(functools.partial(es_math.wp_update, alpha=alpha, paths=paths), donate_argnums=(0,),
+                   out_shardings=None if layout is None else layout.tree)
 
 
 @functools.lru_cache(maxsize=8)
-def _lowrank_update_fn(alpha, paths, rank):
+def _lowrank_update_fn(alpha, paths, rank, layout: Optional[parallel.Layout] = None):
     return jax.jit(functools.partial(es_math.lowrank_update, alpha=alpha, paths=paths, rank=rank),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), out_shardings=None if layout is None else layout.tree)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -375,7 +385,18 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
     say = print if ecfg.verbose else (lambda *a, **k: None)
 
     mcfg, params, tok = loaded if loaded is not None else load_es_model(ecfg)
-    params = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32), params)  # fp32 master (a copy)
+    mesh = parallel.make_mesh(ecfg.mesh)
+    params = parallel.put_params(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params), mesh)
+    param_sh = parallel.param_shardings(params, mesh)  # fp32 master (a copy), split over fsdp
+    layout = parallel.param_layout(params, mesh)
+
+    def row_mesh(n_rows: int):
+        """The mesh for a batch of n_rows; without --mesh, no sharding when the devices do not divide it."""
+        if n_rows % parallel.batch_size_multiple(mesh) == 0:
+            return mesh
+        if ecfg.mesh:
+            parallel.check_batch(n_rows, mesh, "an ES batch (pop_size x n_train, or n_eval)")
+        return False
     cdt = PRECISIONS[ecfg.mixed_precision]
     mcfg = mcfg.replace(dtype="bfloat16" if cdt == jnp.bfloat16 else "float32")
     gkw = gen_kwargs(ecfg, tok, mcfg)
@@ -404,15 +425,19 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
     elif ecfg.wp_rank > 0:
         upd_paths = perturb.lowrank_paths(params, ecfg.wp_include)
         lr_fn = LowRankFn(upd_paths, ecfg.wp_rank, cdt)
-        lr_update = _lowrank_update_fn(ecfg.alpha, upd_paths, ecfg.wp_rank)
+        lr_update = _lowrank_update_fn(ecfg.alpha, upd_paths, ecfg.wp_rank, layout)
     else:
         upd_paths = perturb.leaf_paths(params, ecfg.wp_include)
         pfn = PerturbFn(sigma, upd_paths, cdt)
-        wp_upd = _wp_update_fn(ecfg.alpha, tuple(upd_paths))
+        wp_upd = _wp_update_fn(ecfg.alpha, tuple(upd_paths), layout)
 
     state = {"params": params}
     if method == "np":
-        state["np_accum"] = {p: jnp.zeros(tree_flat(params)[p].shape, jnp.float32) for p in upd_paths}
+        flat_sh = tree_flat(param_sh)
+        accum_sh = {p: flat_sh[p] for p in upd_paths}
+        zeros = lambda: parallel.put({p: np.zeros(tree_flat(params)[p].shape, np.float32) for p in upd_paths},
+                                     accum_sh)
+        state["np_accum"] = zeros()
 
     # ---- outputs and resume
     ckpt_dir = os.path.join(out_dir, "checkpoints")
@@ -433,8 +458,8 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
 
     def evaluate(it, write_completions=False):
         out = generate(state["params"], mcfg, ev_tok, ev_mask, jax.random.fold_in(k_eval, it),
-                       params_fn=cast_fn, **gkw)
-        texts = decode_rows(tok, out.tokens, out.mask)
+                       params_fn=cast_fn, mesh=row_mesh(len(ev_tok)), **gkw)
+        texts = decode_rows(tok, *parallel.to_host((out.tokens, out.mask)))
         acc = float(math_task.score_completions(texts, ev_gold).mean())
         if write_completions and is_writer():
             with open(os.path.join(out_dir, "baseline_completions.txt"), "w") as f:
@@ -465,19 +490,23 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
         kg = jax.random.fold_in(k_gen, it)
         if method == "np":
             parts = [np_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys[c], scales, jax.random.fold_in(kg, i),
-                                 gkw, cast_fn) for i, c in enumerate(member_chunks(N, ecfg.gpu_threads))]
-            g_tok = np.concatenate([np.asarray(p[0].tokens) for p in parts])
-            g_mask = np.concatenate([np.asarray(p[0].mask) for p in parts])
-            rk = jnp.concatenate([p[1] for p in parts])
+                                 gkw, cast_fn, mesh=row_mesh(len(mkeys[c]) * M))
+                     for i, c in enumerate(member_chunks(N, ecfg.gpu_threads))]
+            host = [parallel.to_host((p[0].tokens, p[0].mask)) for p in parts]
+            g_tok = np.concatenate([h[0] for h in host])
+            g_mask = np.concatenate([h[1] for h in host])
+            rk = np.concatenate([np.asarray(p[1]) for p in parts])
             ptok, pmask = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
         elif ecfg.wp_rank > 0:
             outs = [lowrank_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys[c], sigma,
-                                     jax.random.fold_in(kg, i), gkw, lr_fn)
+                                     jax.random.fold_in(kg, i), gkw, lr_fn, mesh=row_mesh(len(mkeys[c]) * M))
                     for i, c in enumerate(member_chunks(N, ecfg.gpu_threads))]
-            g_tok = np.concatenate([np.asarray(o.tokens) for o in outs])
-            g_mask = np.concatenate([np.asarray(o.mask) for o in outs])
+            host = [parallel.to_host((o.tokens, o.mask)) for o in outs]
+            g_tok = np.concatenate([h[0] for h in host])
+            g_mask = np.concatenate([h[1] for h in host])
         else:
-            g_tok, g_mask = fullrank_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys, kg, gkw, pfn)
+            g_tok, g_mask = fullrank_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys, kg, gkw, pfn,
+                                              mesh=row_mesh(M))
         g_tok, g_mask = np.asarray(g_tok), np.asarray(g_mask)
         t1 = time.perf_counter()
         phase_gc()
@@ -485,15 +514,17 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
         coefs = np.asarray(es_math.zscore(rewards)) * signs
         t2 = time.perf_counter()
         if method == "np":
-            row_coef = jnp.repeat(jnp.asarray(coefs * ecfg.alpha / (N * sigma), jnp.float32), M)
-            tokens = jnp.concatenate([jnp.asarray(ptok), jnp.asarray(g_tok)], axis=1)
-            mask = jnp.concatenate([jnp.asarray(pmask).astype(bool), jnp.asarray(g_mask)], axis=1)
-            contrib = es_math.np_contrib_mask(pmask, g_mask)
-            delta = replay(state["params"], tokens, mask, contrib, rk, row_coef, scales)
-            acc = {p: state["np_accum"][p] + delta[p] for p in upd_paths}
+            row_coef = np.repeat(np.asarray(coefs * ecfg.alpha / (N * sigma), np.float32), M)
+            tokens = np.concatenate([ptok, g_tok], axis=1)
+            mask = np.concatenate([np.asarray(pmask).astype(bool), np.asarray(g_mask).astype(bool)], axis=1)
+            contrib = np.asarray(es_math.np_contrib_mask(pmask, g_mask))
+            rows_in = (tokens, mask, contrib, rk, row_coef)
+            rows_in = parallel.put_batch(rows_in, mesh) if row_mesh(len(tokens)) is not False else rows_in
+            delta = replay(state["params"], *rows_in, scales)   # per-row sums all-reduced by XLA
+            acc = parallel.put({p: state["np_accum"][p] + delta[p] for p in upd_paths}, accum_sh)
             if (it + 1) % ecfg.np_sync_every == 0 or it + 1 == ecfg.n_iters:
-                state = {"params": es_math.apply_delta(state["params"], acc),
-                         "np_accum": {p: jnp.zeros_like(v) for p, v in acc.items()}}
+                state = {"params": parallel.put(es_math.apply_delta(state["params"], acc), param_sh),
+                         "np_accum": zeros()}
             else:
                 state = {**state, "np_accum": acc}
         elif ecfg.wp_rank > 0:
@@ -528,10 +559,12 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
         plot = plot_eval(ev_path, os.path.join(out_dir, "eval_accuracy.png"),
                          f"ES-{method} {os.path.basename(ecfg.model_name)}")
     export_dir = None
-    if ecfg.export_final and end == ecfg.n_iters and is_writer():
-        from jaxrl_sparse.models import export_hf
-        export_dir = os.path.join(out_dir, "final_model")
-        export_hf(export_dir, mcfg, jax.device_get(state["params"]), tok)
+    if ecfg.export_final and end == ecfg.n_iters:
+        host_params = parallel.to_host(state["params"])  # every process: a gather across processes
+        if is_writer():
+            from jaxrl_sparse.models import export_hf
+            export_dir = os.path.join(out_dir, "final_model")
+            export_hf(export_dir, mcfg, host_params, tok)
     return {"out_dir": out_dir, "iterations_done": end, "history": history, "params": state["params"],
             "eval_plot": plot, "export_dir": export_dir, "method": method, "sigma": sigma}
 

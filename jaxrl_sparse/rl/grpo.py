@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrl_sparse import checkpoint
+from jaxrl_sparse import checkpoint, parallel
 from jaxrl_sparse.data.batching import pad_left
 from jaxrl_sparse.errors import UserError
 from jaxrl_sparse.metrics import MetricsLog, default_workdir, is_writer, plot_curves
@@ -95,6 +95,7 @@ class GRPOConfig:
     export_final: bool = False             # write the merged model as a HF folder at the end
     use_wandb: bool = False
     wandb_project: str = "jaxrl_sparse"
+    mesh: str = ""                         # device mesh 'data:N,fsdp:M' ('' = all devices on data); the frozen base splits over fsdp
 
     def validate(self) -> "GRPOConfig":
         for name in ("num_samples_per_prompt", "prompts_per_step", "max_new_tokens", "num_epochs",
@@ -170,15 +171,18 @@ def completion_logprobs(base, adapters, cfg, g: GRPOConfig, tokens, mask, n_resp
     return token_logprobs(head_params, cfg, h, tokens[:, Q:])
 
 
-def make_score_fn(cfg, g: GRPOConfig):
-    """jit: (adapters, base, tokens, mask, resp_mask, update_mask) -> (old_lp, ref_lp) [B, N]."""
+def make_score_fn(cfg, g: GRPOConfig, mesh=None):
+    """jit: (adapters, base, tokens, mask, resp_mask, update_mask) -> (old_lp, ref_lp) [B, N]
+    (split over the mesh's batch axes when a mesh is given)."""
     def fn(adapters, base, tokens, mask, resp_mask, umask):
         n = resp_mask.shape[1]
         old = completion_logprobs(base, adapters, cfg, g, tokens, mask, n, update_mask=umask)
         ref = (completion_logprobs(base, None, cfg, g, tokens, mask, n) if g.kl_coef
                else jnp.zeros_like(old))
         return old, ref
-    return jax.jit(fn)
+    if mesh is None:
+        return jax.jit(fn)
+    return jax.jit(fn, out_shardings=parallel.batch_sharding(mesh))
 
 
 def make_optimizer(g: GRPOConfig) -> optax.GradientTransformation:
@@ -189,11 +193,14 @@ def make_optimizer(g: GRPOConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def make_update_fn(cfg, g: GRPOConfig, optimizer):
+def make_update_fn(cfg, g: GRPOConfig, optimizer, mesh=None, state_layout=None, base_layout=None,
+                   mask_layout=None):
     """jit: (state, base, batch, key, update_mask) -> (state, stats); state = {'lora', 'opt_state'}.
 
     batch: tokens/mask [B, Q+N], resp_mask/old_lp/ref_lp [B, N], adv [B]. All optimisation epochs
     and mini-batches run in one `lax.scan`; each epoch uses a fresh permutation of the rows.
+    mesh + layouts (`parallel.Layout` of the state, the base and the update mask or None): jit
+    in/out shardings, the batch split over the mesh's batch axes.
     """
     def loss_fn(adapters, base, mb, key, umask):
         lp = completion_logprobs(base, adapters, cfg, g, mb["tokens"], mb["mask"],
@@ -222,7 +229,13 @@ def make_update_fn(cfg, g: GRPOConfig, optimizer):
         state, stats = jax.lax.scan(step, state, (jnp.arange(g.optim_epochs * n_mb), perms))
         return state, jax.tree_util.tree_map(jnp.mean, stats)
 
-    return jax.jit(update, donate_argnums=(0,))
+    if mesh is None:
+        return jax.jit(update, donate_argnums=(0,))
+    rep_ = parallel.replicated(mesh)
+    return jax.jit(update, donate_argnums=(0,),
+                   in_shardings=(state_layout.tree, base_layout.tree, parallel.batch_sharding(mesh), rep_,
+                                 None if mask_layout is None else mask_layout.tree),
+                   out_shardings=(state_layout.tree, rep_))
 
 
 def _jit_key(g: GRPOConfig) -> GRPOConfig:
@@ -232,9 +245,10 @@ def _jit_key(g: GRPOConfig) -> GRPOConfig:
 
 
 @functools.lru_cache(maxsize=8)
-def _step_fns(cfg, g: GRPOConfig):
+def _step_fns(cfg, g: GRPOConfig, mesh=None, state_layout=None, base_layout=None, mask_layout=None):
     """(score_fn, update_fn) for a model config and run config, built once per process."""
-    return make_score_fn(cfg, g), make_update_fn(cfg, g, make_optimizer(g))
+    return make_score_fn(cfg, g, mesh), make_update_fn(cfg, g, make_optimizer(g), mesh, state_layout,
+                                                      base_layout, mask_layout)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -326,6 +340,9 @@ def train(g: GRPOConfig, *, progress: bool = True, stop_after: Optional[int] = N
         from jaxrl_sparse.models import load_model
         loaded = load_model(g.model, param_dtype=g.param_dtype, dtype=g.compute_dtype)
     mcfg, tok, base = loaded.config, loaded.tokenizer, loaded.params
+    mesh = parallel.make_mesh(g.mesh)
+    parallel.check_batch(g.batch_size, mesh, "a GRPO batch (prompts_per_step x num_samples_per_prompt)")
+    base = parallel.put_params(base, mesh)   # frozen base, split over fsdp
     pad, eos = em.pad_id(tok, mcfg), em.stop_ids(tok, mcfg)
     train_probs, eval_probs = load_data(g)
     P, K = g.prompts_per_step, g.num_samples_per_prompt
@@ -336,10 +353,12 @@ def train(g: GRPOConfig, *, progress: bool = True, stop_after: Optional[int] = N
     golds = [p["answer"] for p in train_probs]
 
     k_init, k_data, k_run = jax.random.split(jax.random.key(g.seed), 3)
-    adapters = lora.init_lora(base, g.lora_targets, g.lora_rank, k_init)
+    adapters = parallel.put_params(lora.init_lora(base, g.lora_targets, g.lora_rank, k_init), mesh)
     umask = _target_mask(g.update_mask, base, adapters)
+    umask = None if umask is None else parallel.put_params(umask, mesh)
     optimizer = make_optimizer(g)
-    state = {"lora": adapters, "opt_state": optimizer.init(adapters)}
+    opt_sh = parallel.param_shardings(jax.eval_shape(optimizer.init, adapters), mesh)
+    state = {"lora": adapters, "opt_state": jax.jit(optimizer.init, out_shardings=opt_sh)(adapters)}
     meta = {"trainer": "grpo", "model": g.model, "model_config": dataclasses.asdict(mcfg),
             "lora": {"targets": g.lora_targets, "regex": lora.targets_regex(g.lora_targets),
                      "rank": g.lora_rank, "alpha": g.lora_alpha, "dropout": g.lora_dropout,
@@ -371,7 +390,8 @@ def train(g: GRPOConfig, *, progress: bool = True, stop_after: Optional[int] = N
         res = em.evaluate(base, mcfg, tok, eval_probs, adapters=state["lora"], alpha=g.lora_alpha,
                           rank=g.lora_rank, mask=umask, batch_size=g.eval_batch_size,
                           max_new_tokens=g.eval_max_new_tokens or g.max_new_tokens,
-                          max_prompt_len=g.max_prompt_len, template=g.prompt_template)
+                          max_prompt_len=g.max_prompt_len, template=g.prompt_template,
+                          mesh=mesh if g.eval_batch_size % parallel.batch_size_multiple(mesh) == 0 else None)
         if is_writer():
             em.write_rows(os.path.join(workdir, "eval", f"step{step}.jsonl"), res["rows"])
         return {"eval/accuracy": res["accuracy"], "eval/correct": res["correct"],
@@ -387,7 +407,10 @@ def train(g: GRPOConfig, *, progress: bool = True, stop_after: Optional[int] = N
         log.truncate_after(-1)
         log.write(0, run_eval(0))
 
-    score_fn, update_fn = _step_fns(mcfg, _jit_key(g))
+    score_fn, update_fn = _step_fns(mcfg, _jit_key(g), mesh, parallel.param_layout(state, mesh),
+                                    parallel.param_layout(base, mesh),
+                                    None if umask is None else parallel.param_layout(umask, mesh))
+    mine = parallel.process_rows(P * K)   # completions this process decodes and scores
     merge = lora.merge_fn(float(g.lora_alpha), int(g.lora_rank))
     end = total if stop_after is None else min(stop_after, total)
     bar = tqdm(range(start, end), initial=start, total=total, desc="grpo",
@@ -405,23 +428,25 @@ def train(g: GRPOConfig, *, progress: bool = True, stop_after: Optional[int] = N
         gen_params = {"base": base, "lora": state["lora"], **({"mask": umask} if umask else {})}
         gen = generate(gen_params, mcfg, p_tok, p_mask, k_gen, max_new_tokens=g.max_new_tokens,
                        temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, eos_token_id=eos,
-                       pad_token_id=pad, params_fn=merge)
+                       pad_token_id=pad, params_fn=merge, mesh=mesh)
         n_steps = int(gen.n_steps)
         N = min(g.max_new_tokens, 32 * math.ceil(n_steps / 32))   # trim to a few shape buckets
-        c_tok, c_mask = np.asarray(gen.tokens)[:, :N], np.asarray(gen.mask)[:, :N]
+        c_tok, c_mask = (x[:, :N] for x in parallel.to_host((gen.tokens, gen.mask)))
         t1 = time.perf_counter()
 
-        outs = em.decode(tok, c_tok, c_mask)
-        gold_b = [golds[i] for i in idx for _ in range(K)]
-        rewards = math_rewards(outs, gold_b, w_correct=g.w_correct, w_format=g.w_format,
-                               w_repeat=g.w_repeat)
-        correct = np.asarray([correctness_reward(o, a) for o, a in zip(outs, gold_b)])
-        adv = gm.group_advantages(jnp.asarray(rewards), K, mean_only=g.adv_mean_only)
+        outs = em.decode(tok, c_tok[mine], c_mask[mine])      # this process's rows, gathered below
+        gold_b = [golds[i] for i in idx for _ in range(K)][mine]
+        per_row = np.stack([
+            math_rewards(outs, gold_b, w_correct=g.w_correct, w_format=g.w_format, w_repeat=g.w_repeat),
+            [correctness_reward(o, a) for o, a in zip(outs, gold_b)],
+            [format_reward(o) for o in outs], [repetition_penalty(o) for o in outs]], 1).astype(np.float64)
+        rewards, correct, fmt, rpt = parallel.allgather_rows(per_row).T
+        adv = np.asarray(gm.group_advantages(jnp.asarray(rewards), K, mean_only=g.adv_mean_only))
         t2 = time.perf_counter()
 
-        tokens = jnp.asarray(np.concatenate([p_tok, c_tok], axis=1))
-        mask = jnp.asarray(np.concatenate([p_mask, c_mask.astype(np.int32)], axis=1))
-        resp = jnp.asarray(c_mask, jnp.float32)
+        tokens, mask, resp, adv = parallel.put_batch(
+            (np.concatenate([p_tok, c_tok], axis=1), np.concatenate([p_mask, c_mask.astype(np.int32)], axis=1),
+             c_mask.astype(np.float32), adv), mesh)
         old_lp, ref_lp = score_fn(state["lora"], base, tokens, mask, resp, umask)
         batch = {"tokens": tokens, "mask": mask, "resp_mask": resp, "old_lp": old_lp,
                  "ref_lp": ref_lp, "adv": adv}
@@ -433,8 +458,8 @@ def train(g: GRPOConfig, *, progress: bool = True, stop_after: Optional[int] = N
         grp = rewards.reshape(P, K)
         metrics = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
                    "train/accuracy": 100.0 * float(correct.mean()),
-                   "train/format_rate": float(np.mean([format_reward(o) for o in outs])),
-                   "train/repeat_penalty": float(np.mean([repetition_penalty(o) for o in outs])),
+                   "train/format_rate": float(np.mean(fmt)),
+                   "train/repeat_penalty": float(np.mean(rpt)),
                    "train/completion_len": float(c_mask.sum(1).mean()),
                    "train/zero_std_groups": float(np.mean(grp.std(1) == 0)),
                    "epoch": epoch + 1, **{f"objective/{k}": float(v) for k, v in stats.items()},
@@ -458,12 +483,13 @@ def train(g: GRPOConfig, *, progress: bool = True, stop_after: Optional[int] = N
         plots.append(plot_curves(rows_log, ["eval/accuracy"], os.path.join(workdir, "eval_accuracy.png"),
                                  title=f"held-out accuracy ({len(eval_probs)} problems)"))
     export_dir = None
-    if g.export_final and end == total and is_writer():
-        from jaxrl_sparse.models import export_hf
-        name = os.path.basename(g.model.rstrip("/")).replace(".gguf", "")
-        export_dir = os.path.join(workdir, f"grpo-{name}-lora-merged")
-        merged = lora.merge(base, state["lora"], g.lora_alpha, g.lora_rank, mask=umask)
-        export_hf(export_dir, mcfg, jax.device_get(merged), tok)
+    if g.export_final and end == total:
+        merged = parallel.to_host(lora.merge(base, state["lora"], g.lora_alpha, g.lora_rank, mask=umask))
+        if is_writer():
+            from jaxrl_sparse.models import export_hf
+            name = os.path.basename(g.model.rstrip("/")).replace(".gguf", "")
+            export_dir = os.path.join(workdir, f"grpo-{name}-lora-merged")
+            export_hf(export_dir, mcfg, merged, tok)
     log.close()
     evals = [r for r in rows_log if r.get("eval/accuracy") is not None]
     return {"workdir": workdir, "ckpt_dir": ckpt_dir, "steps_done": end, "total_steps": total,

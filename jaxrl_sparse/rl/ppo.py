@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrl_sparse import checkpoint
+from jaxrl_sparse import checkpoint, parallel
 from jaxrl_sparse.errors import UserError
 from jaxrl_sparse.metrics import MetricsLog, default_workdir, is_writer, plot_curves
 from jaxrl_sparse.models.config import ModelConfig
@@ -94,6 +94,7 @@ class PPOConfig:
     use_wandb: bool = False
     wandb_project: str = "jaxrl_sparse"
     log_every: int = 1
+    mesh: str = ""                         # device mesh 'data:N,fsdp:M' ('' = all devices on data); params/Adam state split over fsdp
 
     def validate(self) -> "PPOConfig":
         if self.batch_size % self.mini_batch_size:
@@ -192,8 +193,11 @@ def make_optimizer(pcfg: PPOConfig) -> optax.GradientTransformation:
 
 # ----------------------------------------------------------------------------- jitted steps
 @functools.lru_cache(maxsize=8)
-def make_score_fn(mcfg: ModelConfig, Q: int):
-    """jit: (trainable, ref_params, tokens, mask, resp_mask) -> old logprobs, values, ref logprobs, kl_full."""
+def make_score_fn(mcfg: ModelConfig, Q: int, mesh=None):
+    """jit: (trainable, ref_params, tokens, mask, pcfg) -> old logprobs, values, ref logprobs, kl_full.
+
+    mesh: outputs [B, N] split over the mesh's batch axes (inputs keep the shardings they have).
+    """
 
     def fn(trainable, ref_params, tokens, mask, pcfg_static):
         pcfg = pcfg_static
@@ -205,7 +209,9 @@ def make_score_fn(mcfg: ModelConfig, Q: int):
             kl = pm.kl_penalty(lp, rlp, "full", logits=logits, ref_logits=rlogits)
         return lp, v, rlp, kl
 
-    return jax.jit(fn, static_argnums=(4,))
+    if mesh is None:
+        return jax.jit(fn, static_argnums=(4,))
+    return jax.jit(fn, static_argnums=(4,), out_shardings=parallel.batch_sharding(mesh))
 
 
 def compile_key(pcfg: PPOConfig) -> PPOConfig:
@@ -216,12 +222,15 @@ def compile_key(pcfg: PPOConfig) -> PPOConfig:
 
 
 @functools.lru_cache(maxsize=8)
-def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int):
+def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
+                   layout: Optional[parallel.Layout] = None, masked: bool = False):
     """jit: (state, batch, key, grad_mask) -> (state, stats). All PPO epochs and mini-batches in one function.
 
     state = {'trainable': {'model', 'value_head'}, 'opt_state'}; batch holds tokens/mask [B,Q+N],
     resp_mask, old logprobs, values, advantages, returns [B,N]. Early stopping (TRL: policykl of
     the epoch's last mini-batch > 1.5 target_kl) skips the remaining epochs with `lax.cond`.
+    mesh + layout (the state's shardings, `parallel.param_layout`): jit in/out shardings, the batch
+    split over the mesh's batch axes; masked: grad_mask is a tree laid out like the model.
     """
     B, mb = pcfg.batch_size, pcfg.mini_batch_size
     n_mb = B // mb
@@ -268,7 +277,13 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int):
         mean["ppo/minibatches_applied"] = jnp.sum(w)
         return state, mean
 
-    return jax.jit(update, donate_argnums=(0,))
+    if mesh is None:
+        return jax.jit(update, donate_argnums=(0,))
+    rep_ = parallel.replicated(mesh)
+    st = layout.tree
+    mask_sh = st["trainable"]["model"] if masked else None
+    return jax.jit(update, donate_argnums=(0,), in_shardings=(st, parallel.batch_sharding(mesh), rep_, mask_sh),
+                   out_shardings=(st, rep_))
 
 
 def compute_advantages(pcfg: PPOConfig, scores, logprobs, ref_logprobs, values, resp_mask, kl_coef,
@@ -322,29 +337,34 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
         raise UserError(f"only {len(texts)} prompts for --batch_size={pcfg.batch_size}")
     queries, q_tok, q_mask = build_queries(texts, tok, pcfg)
     Q, N, B = pcfg.query_len, pcfg.output_max_length, pcfg.batch_size
+    mesh = parallel.make_mesh(pcfg.mesh)
+    parallel.check_batch(B, mesh, "--batch_size")
     eos = mcfg.eos_token_id if mcfg.eos_token_id is not None else tok.eos_token_id
 
     root = jax.random.key(pcfg.seed)
     k_init, k_data, k_run = jax.random.split(root, 3)
-    ref_params = lm.params
-    if pcfg.master_weights == "fp32" and pcfg.param_dtype == "bfloat16":
-        model_train = _cast_tree(lm.params, jnp.float32)
-    else:  # a separate buffer: the update donates its state, the reference must survive
-        model_train = jax.tree_util.tree_map(jnp.copy, lm.params)
-    trainable = {"model": model_train, "value_head": init_value_head(mcfg.hidden_size, k_init)}
+    ref_params = parallel.put_params(lm.params, mesh)   # fsdp-sharded (replicated when fsdp = 1)
+    master = pcfg.master_weights == "fp32" and pcfg.param_dtype == "bfloat16"
+    # a separate buffer (jit outputs never alias inputs): the update donates it, the reference stays
+    model_train = jax.jit(lambda p: _cast_tree(p, jnp.float32) if master else p,
+                          out_shardings=parallel.param_shardings(ref_params, mesh))(ref_params)
+    trainable = {"model": model_train,
+                 "value_head": parallel.put_params(init_value_head(mcfg.hidden_size, k_init), mesh)}
     optimizer = make_optimizer(pcfg)
-    state = {"trainable": trainable, "opt_state": optimizer.init(trainable)}
+    opt_sh = parallel.param_shardings(jax.eval_shape(optimizer.init, trainable), mesh)
+    state = {"trainable": trainable, "opt_state": jax.jit(optimizer.init, out_shardings=opt_sh)(trainable)}
+    layout = parallel.param_layout(state, mesh)
     host = {"kl_coef": float(pcfg.init_kl_coef), "moments": [0.0, 1.0, 1.0, 1e-24]}
 
     grad_mask = None
     if pcfg.update_mask:
         from jaxrl_sparse.analysis.mask import load_update_mask
-        grad_mask = load_update_mask(pcfg.update_mask, model_train)
+        grad_mask = parallel.put_params(load_update_mask(pcfg.update_mask, model_train), mesh)
 
     log = MetricsLog(workdir, use_wandb=pcfg.use_wandb, wandb_project=pcfg.wandb_project,
                      run_config=dataclasses.asdict(pcfg))
     start = 0
-    last = checkpoint.latest_step(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    last = checkpoint.latest_step(ckpt_dir)  # every process (a barrier in multi-process runs)
     meta = {"trainer": "ppo", "model": pcfg.model, "model_config": dataclasses.asdict(mcfg),
             "ppo_config": dataclasses.asdict(pcfg)}
 
@@ -365,9 +385,10 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
         save(0)
         log.truncate_after(-1)
 
-    score_fn = make_score_fn(mcfg, Q)
+    score_fn = make_score_fn(mcfg, Q, mesh)
     pkey = compile_key(pcfg)
-    update_fn = make_update_fn(mcfg, compile_key(pcfg), Q)
+    update_fn = make_update_fn(mcfg, pkey, Q, mesh, layout, grad_mask is not None)
+    mine = parallel.process_rows(B)   # rows this process decodes and scores (host work)
     params_0 = ref_params
     end = pcfg.num_updates if stop_after is None else min(stop_after, pcfg.num_updates)
     bar = tqdm(range(start, end), initial=start, total=pcfg.num_updates, disable=not (progress and is_writer()),
@@ -379,19 +400,20 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
         k_gen, k_len, k_upd = jax.random.split(k_step, 3)
         idx = np.asarray(jax.random.choice(jax.random.fold_in(k_data, step), len(queries), (B,), replace=False))
         pol = policy_params(state["trainable"], pcfg)
-        query, query_mask = jnp.asarray(q_tok[idx]), jnp.asarray(q_mask[idx])
-        gen = generate(pol, mcfg, query, query_mask, k_gen,
+        query, query_mask = q_tok[idx], q_mask[idx]                       # host [B, Q]
+        gen = generate(pol, mcfg, query, query_mask, k_gen, mesh=mesh,
                        max_new_tokens=N, temperature=pcfg.temperature, top_k=pcfg.top_k,
                        top_p=pcfg.top_p, eos_token_id=eos, pad_token_id=tok.pad_token_id)
-        lengths = _response_lengths(k_len, B, pcfg.output_min_length, N)
-        resp_mask = (gen.mask.astype(bool) & (jnp.arange(N)[None] < lengths[:, None])).astype(jnp.int32)
-        resp_tok = jnp.where(resp_mask > 0, gen.tokens, tok.pad_token_id)
-        resp_np, rmask_np = np.asarray(resp_tok), np.asarray(resp_mask)
+        lengths = np.asarray(_response_lengths(k_len, B, pcfg.output_min_length, N))
+        g_tok, g_mask = parallel.to_host((gen.tokens, gen.mask))
+        rmask_np = (g_mask.astype(bool) & (np.arange(N)[None] < lengths[:, None])).astype(np.int32)
+        resp_np = np.where(rmask_np > 0, g_tok, tok.pad_token_id).astype(np.int32)
         t1 = time.perf_counter()
 
-        responses = [tok.decode(resp_np[i][rmask_np[i] > 0], skip_special_tokens=True) for i in range(B)]
-        raw = np.asarray(reward_fn([reward_text(pcfg, queries[i]) + r for i, r in zip(idx, responses)]),
-                         np.float32)
+        rows_p = range(B)[mine]   # decoded and scored by this process, gathered below
+        responses = [tok.decode(resp_np[i][rmask_np[i] > 0], skip_special_tokens=True) for i in rows_p]
+        raw = parallel.allgather_rows(np.asarray(
+            reward_fn([reward_text(pcfg, queries[idx[i]]) + r for i, r in zip(rows_p, responses)]), np.float32))
         scores = jnp.asarray(raw * pcfg.reward_scale)
         moments = pm.RunningMoments(*[jnp.float32(x) for x in host["moments"]])
         scores, moments = pm.process_scores(scores, moments, use_score_scaling=pcfg.use_score_scaling,
@@ -399,14 +421,14 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
                                             score_clip=pcfg.score_clip or None)
         t2 = time.perf_counter()
 
-        tokens = jnp.concatenate([query, resp_tok], axis=1)
-        mask = jnp.concatenate([query_mask, resp_mask], axis=1)
+        tokens, mask, resp_f, scores = parallel.put_batch(
+            (np.concatenate([query, resp_np], axis=1), np.concatenate([query_mask, rmask_np], axis=1),
+             rmask_np.astype(np.float32), np.asarray(scores)), mesh)
         lp, values, rlp, kl_full = score_fn(state["trainable"], ref_params, tokens, mask, pkey)
-        resp_f = resp_mask.astype(jnp.float32)
         adv, returns, vals, adv_stats = compute_advantages(pkey, scores, lp, rlp, values, resp_f,
                                                            jnp.float32(host["kl_coef"]), kl_full)
-        batch = {"tokens": tokens, "mask": mask, "resp_mask": resp_f, "logprobs": lp, "values": vals,
-                 "advantages": adv, "returns": returns}
+        batch = parallel.put_batch({"tokens": tokens, "mask": mask, "resp_mask": resp_f, "logprobs": lp,
+                                    "values": vals, "advantages": adv, "returns": returns}, mesh)
         state, stats = update_fn(state, batch, k_upd, grad_mask)
         stats = jax.device_get(stats)
         adv_stats = jax.device_get(adv_stats)
@@ -418,7 +440,7 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
         host["moments"] = [float(x) for x in moments]
         done = step + 1
         metrics = {"env/reward_mean": float(np.mean(raw)), "env/reward_std": float(np.std(raw)),
-                   "env/score_mean": float(jnp.mean(scores)),
+                   "env/score_mean": float(np.mean(parallel.to_host(scores))),
                    "env/response_len": float(np.mean(rmask_np.sum(1))),
                    **{k: float(v) for k, v in adv_stats.items()},
                    **{k: float(v) for k, v in stats.items()},
@@ -426,8 +448,10 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
                    "time/step": t3 - t0}
         if done % pcfg.rank_log_every == 0 or done == pcfg.num_updates:
             from jaxrl_sparse.analysis.ranks import layer_rank_stats
-            metrics.update(layer_rank_stats(policy_params(state["trainable"], pcfg), params_0,
-                                            tau=pcfg.tau, include_regex=pcfg.track_regex or None))
+            p_t = policy_params(state["trainable"], pcfg)
+            if mesh.size > 1:  # batched SVDs of sharded arrays: gathered to one device (host copy) first
+                p_t, params_0 = parallel.to_host(p_t), parallel.to_host(params_0)
+            metrics.update(layer_rank_stats(p_t, params_0, tau=pcfg.tau, include_regex=pcfg.track_regex or None))
         log.write(done, metrics)
         rewards_hist.append(metrics["env/reward_mean"])
         bar.set_postfix(reward=f"{metrics['env/reward_mean']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
@@ -442,11 +466,13 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
                                  os.path.join(workdir, "ppo_curves.png"), title=f"PPO {pcfg.model}",
                                  smooth=min(10, max(1, len(rows) // 10))))
     export_dir = None
-    if pcfg.export_final and end == pcfg.num_updates and is_writer():
-        from jaxrl_sparse.models import export_hf
-        name = os.path.basename(pcfg.model.rstrip("/")).replace(".gguf", "")
-        export_dir = os.path.join(workdir, f"ppo-{name}-sentiment-final")
-        export_hf(export_dir, mcfg, jax.device_get(policy_params(state["trainable"], pcfg)), tok)
+    if pcfg.export_final and end == pcfg.num_updates:
+        host_params = parallel.to_host(policy_params(state["trainable"], pcfg))  # every process: a gather
+        if is_writer():
+            from jaxrl_sparse.models import export_hf
+            name = os.path.basename(pcfg.model.rstrip("/")).replace(".gguf", "")
+            export_dir = os.path.join(workdir, f"ppo-{name}-sentiment-final")
+            export_hf(export_dir, mcfg, host_params, tok)
     log.close()
     return {"workdir": workdir, "ckpt_dir": ckpt_dir, "steps_done": end, "metrics": rows,
             "export_dir": export_dir, "plots": [p for p in plots if p]}

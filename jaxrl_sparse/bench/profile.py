@@ -1,0 +1,101 @@
+"""`python -m launch.bench profile BENCH [its flags]`: any benchmark under the JAX profiler.
+
+Runs `launch.bench BENCH ...` inside `jax.profiler.trace`, then reads the trace back
+(`jax.profiler.ProfileData`) and prints, for each device timeline (e.g. each GPU stream and the
+derived "XLA Ops" line), the events that took the most device time: name, count, total ms, mean
+µs, share of the line. Kernel launch floors show up as many short events; bandwidth or FLOP
+bound work as few long ones. Compile time is host work and does not appear on device lines.
+
+    python -m launch.bench profile generate --model=smollm2-135m --batch=64 --new_tokens=64 --no_hf
+    python -m launch.bench profile ppo --settings=seed --repeats=1
+
+`--profile_dir=DIR` keeps the raw trace (open it with xprof / TensorBoard's profile plugin);
+`--profile_top=N` rows per line; `--profile_out=F.json` writes the tables as JSON.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+from jaxrl_sparse.errors import UserError
+
+
+def aggregate(xplane_path: str, device_prefix: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+    """{plane/line: {busy_ms, events, span_ms, top: [(name, count, total_ms)]}} of a trace file.
+
+    device_prefix: keep only planes whose name starts with it (default: '/device:' planes, or the
+    host CPU plane when there is no device plane, e.g. on a CPU run).
+    """
+    from jax.profiler import ProfileData
+    pd = ProfileData.from_file(xplane_path)
+    planes = list(pd.planes)
+    if device_prefix is None:
+        device_prefix = "/device:" if any(p.name.startswith("/device:") for p in planes) else "/host:CPU"
+    out: Dict[str, Dict[str, Any]] = {}
+    for plane in planes:
+        if not plane.name.startswith(device_prefix):
+            continue
+        for line in plane.lines:
+            tot: Dict[str, float] = collections.defaultdict(float)
+            cnt: Dict[str, int] = collections.Counter()
+            t0, t1, n = None, None, 0
+            for e in line.events:
+                d = float(e.duration_ns)
+                tot[e.name] += d
+                cnt[e.name] += 1
+                n += 1
+                t0 = e.start_ns if t0 is None else min(t0, e.start_ns)
+                t1 = e.end_ns if t1 is None else max(t1, e.end_ns)
+            if not n:
+                continue
+            top = sorted(tot.items(), key=lambda kv: -kv[1])
+            out[f"{plane.name} | {line.name}"] = {
+                "busy_ms": sum(tot.values()) / 1e6, "events": n, "span_ms": (t1 - t0) / 1e6,
+                "top": [(k, cnt[k], v / 1e6) for k, v in top]}
+    return out
+
+
+def print_tables(tables: Dict[str, Dict[str, Any]], top: int = 25) -> None:
+    for name, t in sorted(tables.items(), key=lambda kv: -kv[1]["busy_ms"]):
+        print(f"\n## {name}: {t['events']} events, busy {t['busy_ms']:.1f} ms over a span of "
+              f"{t['span_ms']:.1f} ms ({100 * t['busy_ms'] / max(t['span_ms'], 1e-9):.0f}% busy)")
+        print("| event | count | total ms | mean µs | share |")
+        print("|---|---|---|---|---|")
+        for k, c, ms in t["top"][:top]:
+            print(f"| {k[:90]} | {c} | {ms:.2f} | {1e3 * ms / c:.1f} | {100 * ms / t['busy_ms']:.1f}% |")
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
+    argv = list(argv or [])
+    opts = {"--profile_dir": None, "--profile_top": "25", "--profile_out": None}
+    rest = []
+    for a in argv:
+        k, _, v = a.partition("=")
+        if k in opts:
+            opts[k] = v
+        else:
+            rest.append(a)
+    if not rest or rest[0] == "profile":
+        raise UserError("usage: python -m launch.bench profile BENCH [its flags] "
+                        "(e.g. `profile generate --model=smollm2-135m --no_hf`)")
+    import jax
+    from launch.bench import dispatch
+    trace_dir = opts["--profile_dir"] or tempfile.mkdtemp(prefix="jaxrl_profile_")
+    t = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+        dispatch(rest)
+    print(f"\nprofiled `{' '.join(rest)}` in {time.perf_counter() - t:.1f} s; trace in {trace_dir}")
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        raise UserError(f"the profiler wrote no trace under {trace_dir}; check that the profiler works here")
+    tables = aggregate(files[-1])
+    print_tables(tables, int(opts["--profile_top"]))
+    if opts["--profile_out"]:
+        with open(opts["--profile_out"], "w", encoding="utf-8") as f:
+            json.dump(tables, f)
+    return tables
