@@ -112,6 +112,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, batch_spec())
 
 
+def constrain_batch(tree, mesh: Optional[Mesh]):
+    """Inside jit: rows of every array in `tree` split over the batch axes (no-op without a mesh).
+
+    Needed after gathering a mini-batch with a global permutation (`x[perm]`): without it XLA
+    may keep the gathered rows replicated and every device computes the whole mini-batch.
+    """
+    if mesh is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, batch_sharding(mesh))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -218,7 +218,7 @@ def make_update_fn(cfg, g: GRPOConfig, optimizer, mesh=None, state_layout=None, 
 
         def step(state, xs):
             i, idx = xs
-            mb = jax.tree_util.tree_map(lambda x: x[idx], batch)
+            mb = parallel.constrain_batch(jax.tree_util.tree_map(lambda x: x[idx], batch), mesh)
             k = jax.random.fold_in(jax.random.fold_in(key, 1_000_003), i)
             (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 state["lora"], base, mb, k, umask)

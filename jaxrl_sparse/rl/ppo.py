@@ -259,7 +259,7 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
         def mb_step(carry, xs):
             idx, epoch_end = xs
             state, stop = carry
-            mbatch = jax.tree_util.tree_map(lambda x: x[idx], batch)
+            mbatch = parallel.constrain_batch(jax.tree_util.tree_map(lambda x: x[idx], batch), mesh)
             (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"], mbatch)
             stats["ppo/grad_norm"] = optax.global_norm(grads)
             new_state = jax.lax.cond(stop, lambda: state, lambda: apply_grads(state, grads, grad_mask))
