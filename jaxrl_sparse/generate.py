@@ -253,19 +253,23 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
     merge); hashed as a static argument, so pass the same function object to reuse the compile.
     mesh: a Mesh with a 'data' (and 'fsdp') axis, rows split over both (`jaxrl_sparse.parallel`);
     None = all devices when they divide B; False = no sharding.
-    bucket: pad the prompt length up to `bucket_length(P)` (fewer compiles). layer_unroll: layers
-    per iteration of the decode step's layer scan (identical results); default: all layers on
-    accelerators (~10% faster decode steps, a few seconds more compile), 1 on CPU.
-    layer_loop: decode with one KV buffer per layer and the layers unrolled (`split_cache`; same
-    tokens): no per-step copies of each layer's cache slice. Default: on for accelerators, off on CPU.
+    bucket: pad the prompt length up to `bucket_length(P)` (fewer compiles).
+    layer_loop: decode with per-layer weights and KV buffers, layers unrolled (`split_cache`; same
+    tokens): no per-step copies of each layer's weights and cache slice. Default: on for
+    accelerators, off on CPU (faster compiles). layer_unroll: without layer_loop, layers per
+    iteration of the decode step's layer scan (identical results; default 1 on CPU, all layers
+    elsewhere); ignored with layer_loop, which unrolls every layer.
     """
     eos = _eos_tuple(eos_token_id, cfg)
-    if layer_unroll is None:
-        layer_unroll = 1 if jax.devices()[0].platform == "cpu" else cfg.num_layers
+    on_cpu = jax.devices()[0].platform == "cpu"
+    if layer_loop is None:
+        layer_loop = not on_cpu
+    if layer_loop:  # the scan's unroll has no effect there: keep it out of the compile-cache key
+        layer_unroll = 1
+    elif layer_unroll is None:
+        layer_unroll = 1 if on_cpu else cfg.num_layers
     pad = pad_token_id if pad_token_id is not None else (
         cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
-    if layer_loop is None:
-        layer_loop = jax.devices()[0].platform != "cpu"
     spec = SamplerSpec(int(max_new_tokens), float(temperature), int(top_k), float(top_p), bool(greedy),
                        bool(fixed_length), int(layer_unroll), int(steps_per_sync), bool(layer_loop),
                        min_new_tokens=int(min_new_tokens)).validate()

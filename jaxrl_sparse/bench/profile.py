@@ -84,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
         raise UserError("usage: python -m launch.bench profile BENCH [its flags] "
                         "(e.g. `profile generate --model=smollm2-135m --no_hf`)")
     import jax
-    from launch.bench import dispatch
+    from jaxrl_sparse.bench import dispatch
     trace_dir = opts["--profile_dir"] or tempfile.mkdtemp(prefix="jaxrl_profile_")
     t = time.perf_counter()
     with jax.profiler.trace(trace_dir):

@@ -2,7 +2,9 @@
 
 Blocks are stacked on a leading layer axis and run with `nn.scan`, so compile time does not grow
 with depth. The KV cache lives in the scan carry and is updated in place with
-`dynamic_update_slice`, so a decode step reads the cache once and writes one slot.
+`dynamic_update_slice`. For GPU decoding, `forward` also takes per-layer weights and cache buffers
+(`split_layers`, `split_cache`) and then applies the same `Block` layer by layer, unrolled: a
+decode step then reads each buffer in place instead of copying a layer's slice out of the stack.
 
 Conventions
 - `tokens [B, T]` int32, `attention_mask [B, T]` (1 = real token, 0 = padding; left padding works).
