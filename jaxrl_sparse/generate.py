@@ -39,6 +39,10 @@ class GenerateOutput(NamedTuple):
     sample_logprobs: jax.Array  # [B, N] f32 log-prob under the sampling distribution (0 if greedy)
     lengths: jax.Array          # [B] int32 = mask.sum(1)
     n_steps: jax.Array          # [] int32 decode steps run (< N when every row stopped early)
+    # [B, P + N, D] compute dtype, only with capture_layer=j: the residual stream entering block j at
+    # every prompt position and every fed response token (column P + i = response token i; the last
+    # token, never fed, and tokens after a row stopped hold zeros / unused values). None otherwise.
+    hidden: Optional[jax.Array] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +61,7 @@ class SamplerSpec:
     layer_unroll: int = 1  # decode step: layers per scan iteration (>1 cuts GPU loop overhead)
     steps_per_sync: int = 1  # decode steps per while-loop iteration (the loop test syncs with the host)
     layer_loop: bool = False  # decode with one cache buffer per layer, layers unrolled (see split_cache)
+    capture_layer: int = -1  # >= 0: also return the residual stream entering this block (GenerateOutput.hidden)
     min_new_tokens: int = dataclasses.field(default=0, compare=False)
 
     def validate(self) -> "SamplerSpec":
@@ -72,6 +77,8 @@ class SamplerSpec:
             raise UserError(f"steps_per_sync={self.steps_per_sync} must be >= 1")
         if self.layer_unroll < 1:
             raise UserError(f"layer_unroll={self.layer_unroll} must be >= 1")
+        if self.capture_layer < -1:
+            raise UserError(f"capture_layer={self.capture_layer} must be >= 0 (-1 = off)")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise UserError(f"min_new_tokens={self.min_new_tokens} must be in [0, max_new_tokens]")
         return self
@@ -106,6 +113,7 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
     """
     N = spec.max_new_tokens
     kw = dict(greedy=spec.greedy, temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p)
+    cap = spec.capture_layer if spec.capture_layer >= 0 else None  # static: no capture, no extra ops
 
     rows = _row_axes(mesh)  # batch rows over every data-parallel axis of the mesh
 
@@ -126,7 +134,7 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
         kv = P(None, rows)
         cache = dict(cache, k=shard(cache["k"], kv), v=shard(cache["v"], kv),
                      mask=shard(cache["mask"], P(rows)))
-        out = forward(params, cfg, tokens, mask, cache=cache, noise=noise, logits_last=1)
+        out = forward(params, cfg, tokens, mask, cache=cache, noise=noise, logits_last=1, capture_layer=cap)
         row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B, dtype=jnp.uint32))
         pos0 = jnp.sum(mask, axis=1, dtype=jnp.int32)  # position of the first new token
 
@@ -146,7 +154,11 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
         buf_m = jnp.zeros((B, NB), jnp.bool_).at[:, 0].set(True)
         buf_lp = jnp.zeros((B, NB), jnp.float32).at[:, 0].set(lp)
         buf_slp = jnp.zeros((B, NB), jnp.float32).at[:, 0].set(slp)
-        bufs = tuple(shard(b, P(rows)) for b in (buf_i, buf_m, buf_lp, buf_slp))
+        bufs = (buf_i, buf_m, buf_lp, buf_slp)
+        if cap is not None:  # [B, Pb + NB, D]: prefill slots, then the token fed at step t at Pb + t - 1
+            buf_h = jnp.zeros((B, Pb + NB, cfg.hidden_size), out.captured.dtype)
+            bufs += (jax.lax.dynamic_update_slice_in_dim(buf_h, out.captured, 0, axis=1),)
+        bufs = tuple(shard(b, P(rows)) for b in bufs)
         carry = (jnp.ones((), jnp.int32), tok, done, cache, bufs)
 
         def cond(c):
@@ -156,15 +168,18 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
             return (t < N) & ~jnp.all(done)
 
         def step(c):
-            t, prev, done, cache, (bi, bm, blp, bslp) = c
+            t, prev, done, cache, (bi, bm, blp, bslp, *bh) = c
             alive = ~done & (t < N)
             o = forward(params, cfg, prev[:, None], alive[:, None], positions=(pos0 + t - 1)[:, None],
-                        cache=cache, noise=noise, unroll=spec.layer_unroll)
+                        cache=cache, noise=noise, unroll=spec.layer_unroll, capture_layer=cap)
             tok, lp, slp = sampling.sample_tokens(o.logits[:, 0], step_keys(t), ban=is_eos & (t < min_new), **kw)
             tok = jnp.where(alive, tok, pad_id)
             upd = lambda b, v: jax.lax.dynamic_update_slice_in_dim(b, v[:, None].astype(b.dtype), t, axis=1)
             bufs = (upd(bi, tok), upd(bm, alive), upd(blp, jnp.where(alive, lp, 0.0)),
                     upd(bslp, jnp.where(alive, slp, 0.0)))
+            if cap is not None:
+                bufs += (jax.lax.dynamic_update_slice_in_dim(bh[0], o.captured.astype(bh[0].dtype), Pb + t - 1,
+                                                             axis=1),)
             done = done | (alive & is_eos[tok])
             return t + 1, tok, done, o.cache, bufs
 
@@ -174,8 +189,10 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
             return c
 
         t, _, _, _, bufs = jax.lax.while_loop(cond, body, carry)
-        bi, bm, blp, bslp = (b[:, :N] for b in bufs)
-        return GenerateOutput(bi, bm, blp, bslp, jnp.sum(bm, axis=1, dtype=jnp.int32), jnp.minimum(t, N))
+        bi, bm, blp, bslp = (b[:, :N] for b in bufs[:4])
+        hidden = bufs[4][:, :Pb + N] if cap is not None else None
+        return GenerateOutput(bi, bm, blp, bslp, jnp.sum(bm, axis=1, dtype=jnp.int32), jnp.minimum(t, N),
+                              hidden)
 
     return run
 
@@ -243,7 +260,7 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
              noise: Optional[ActNoise] = None, params_fn: Optional[Callable[[Any], Any]] = None,
              mesh: Union[Mesh, None, bool] = None, bucket: bool = True,
              layer_unroll: Optional[int] = None, steps_per_sync: int = 1,
-             layer_loop: Optional[bool] = None) -> GenerateOutput:
+             layer_loop: Optional[bool] = None, capture_layer: int = -1) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after left-padded prompts [B, P].
 
     key: a PRNG key (typed or raw uint32[2]). eos_token_id: int or list (default cfg's; none = no
@@ -259,6 +276,11 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
     accelerators, off on CPU (faster compiles). layer_unroll: without layer_loop, layers per
     iteration of the decode step's layer scan (identical results; default 1 on CPU, all layers
     elsewhere); ignored with layer_loop, which unrolls every layer.
+    capture_layer: j >= 0 also returns `hidden` [B, P + N, D] (compute dtype; P = the caller's prompt
+    length, bucket padding stripped), the residual stream entering block j for every prompt slot and
+    fed response token, aligned with `concat([prompt_tokens, out.tokens], 1)`: a replay of blocks
+    j..L-1 can start from it (`forward(..., start_layer=j, start_hidden=...)`). Costs B (P + N) D
+    values of memory; -1 (default) = off, the program is unchanged.
     """
     eos = _eos_tuple(eos_token_id, cfg)
     on_cpu = jax.devices()[0].platform == "cpu"
@@ -272,7 +294,9 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
         cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
     spec = SamplerSpec(int(max_new_tokens), float(temperature), int(top_k), float(top_p), bool(greedy),
                        bool(fixed_length), int(layer_unroll), int(steps_per_sync), bool(layer_loop),
-                       min_new_tokens=int(min_new_tokens)).validate()
+                       int(capture_layer), min_new_tokens=int(min_new_tokens)).validate()
+    if spec.capture_layer >= cfg.num_layers:
+        raise UserError(f"capture_layer={capture_layer} must be < the model's {cfg.num_layers} layers")
     check_prompts(prompt_mask, cfg, spec.max_new_tokens)
     tokens = jnp.asarray(prompt_tokens, jnp.int32)
     mask = jnp.asarray(prompt_mask).astype(jnp.bool_)
@@ -296,4 +320,7 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
         spec = dataclasses.replace(spec, temperature=1.0, top_k=0, top_p=1.0)
     stops = (jnp.asarray(_eos_array(eos)), jnp.int32(pad), jnp.int32(spec.min_new_tokens))
     fn = compiled_sampler(cfg, spec, params_fn, mesh)
-    return fn(params, tokens, mask, key, noise, stops)
+    out = fn(params, tokens, mask, key, noise, stops)
+    if out.hidden is not None and Pb > P0:  # drop the bucket's extra left padding: align with the caller's prompt
+        out = out._replace(hidden=out.hidden[:, Pb - P0:])
+    return out

@@ -243,3 +243,94 @@ def test_es_tiny_end_to_end_determinism_and_resume(tmp_path):
     assert os.path.exists(tmp_path / "a" / "eval_accuracy.png")
     ev = _read(tmp_path / "a" / "eval_history.csv")
     assert [int(r["iteration"]) for r in ev] == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- full-rank WP, grouped decode
+def test_fullrank_grouped_decode_equals_sequential(params):
+    """G members per call (vmapped over their perturbed copies) give the one-by-one tokens, member-major,
+    including a last partial group (pop 4, G 3 -> 3 + 1)."""
+    from jaxrl_sparse.rl import es
+    cfg = CFG.replace(eos_token_id=1, pad_token_id=0)
+    tokens = np.array([[0, 5, 6, 7], [9, 8, 7, 6], [3, 3, 4, 5]], np.int32)
+    mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]], np.int32)
+    mkeys = es_math.member_keys(jax.random.key(1), np.arange(4, dtype=np.uint32) * 7)
+    # two perturbed leaves (a stacked layer kernel and the head) keep the CPU compiles short
+    pfn = es.PerturbFn(0.5, perturb.leaf_paths(params, r"layers/mlp/down_proj|lm_head"), jnp.float32)
+    gkw = dict(max_new_tokens=6, greedy=True, eos_token_id=1, pad_token_id=0)
+    seq = es.fullrank_generate(params, cfg, tokens, mask, mkeys, jax.random.key(2), gkw, pfn, mesh=False, group=1)
+    assert seq[0].shape == (4 * 3, 6) and len({r.tobytes() for r in seq[0]}) > 3   # members differ
+    assert not seq[1].all()                                                        # some rows stopped early
+    for G in (2, 3):
+        got = es.fullrank_generate(params, cfg, tokens, mask, mkeys, jax.random.key(2), gkw, pfn, mesh=False,
+                                   group=G)
+        np.testing.assert_array_equal(got[0], seq[0])
+        np.testing.assert_array_equal(got[1], seq[1])
+
+
+def test_fullrank_group_size_from_memory():
+    from jaxrl_sparse.errors import UserError
+    from jaxrl_sparse.rl.es import ESConfig, auto_fullrank_group, fullrank_group_size, kv_bytes_per_token
+    assert fullrank_group_size(30, None, 10**9, 1, 64, 100, 1000) == 30           # no memory stats (CPU)
+    # qwen2.5-1.5b-like: 3.09 GB bf16 weights, 28 layers x 2 x 2 kv heads x 128 x 2 B, 64 rows x 577 slots
+    kv = kv_bytes_per_token(ModelConfig("llama", 151936, 1536, 8960, 28, 12, 2, 128, dtype="bfloat16").validate())
+    assert kv == 28 * 2 * 2 * 128 * 2
+    per = 2 * 3.09e9 + 2 * 64 * 577 * kv + 64 * 151936 * 4
+    free = 50e9
+    g = int(0.7 * free // per)
+    assert g == 4
+    assert fullrank_group_size(30, int(free), int(3.09e9), kv, 64, 577, 151936) == 4   # 8 calls: 7 x 4 + 2
+    assert fullrank_group_size(30, 2000, 50, 0, 1, 1, 0) == 10    # fits 14 -> 3 calls of 10 (one shape)
+    assert fullrank_group_size(30, 10**15, 50, 0, 1, 1, 0) == 30  # clipped to pop
+    assert fullrank_group_size(30, 10, 50, 0, 1, 1, 0) == 1       # not even one: one member per call
+    assert fullrank_group_size(30, -5, 50, 0, 1, 1, 0) == 1
+    assert fullrank_group_size(5, 2000, 50, 0, 1, 1, 0, margin=0.5) == 5
+    # on CPU there are no memory statistics: the whole population
+    toks = np.ones((3, 4), np.int32)
+    assert auto_fullrank_group({"w": jnp.zeros((4, 4))}, CFG, toks, False, {"max_new_tokens": 6}, 7, jnp.float32) == 7
+    # --gpu_threads is the group size of full-rank WP (no longer refused); negative values are
+    assert ESConfig(gpu_threads=5).validate().gpu_threads == 5
+    with pytest.raises(UserError):
+        ESConfig(gpu_threads=-1).validate()
+
+
+def test_antithetic_pairs_decode_opposite_perturbations(params):
+    """An antithetic pair shares a seed; the sign -1 member must decode with theta - sigma eps
+    (full rank) / W - sigma A B^T / sqrt(r) (low rank), else the pair's z-scores cancel in the update."""
+    from jaxrl_sparse.generate import generate
+    from jaxrl_sparse.rl import es
+    cfg = CFG.replace(eos_token_id=None, pad_token_id=0)
+    tokens = np.array([[0, 5, 6, 7], [9, 8, 7, 6]], np.int32)
+    mask = np.array([[0, 1, 1, 1], [1, 1, 1, 1]], np.int32)
+    seeds, signs = es_math.iteration_seeds(jax.random.key(3), 0, 2, antithetic=True)
+    assert seeds[0] == seeds[1] and list(signs) == [1.0, -1.0]
+    mkeys = es_math.member_keys(jax.random.key(1), seeds)
+    gkw = dict(max_new_tokens=4, greedy=True, eos_token_id=None, pad_token_id=0)
+    key, sigma = jax.random.key(2), 0.5
+    flat = tree_lib.flatten(params)
+
+    def explicit(merged):
+        out = generate(tree_lib.unflatten(merged), cfg, tokens, mask, key, mesh=False, **gkw)
+        return np.asarray(out.tokens), np.asarray(out.logprobs)
+
+    # full rank (sequential and grouped decode)
+    paths = perturb.leaf_paths(params, r"layers/mlp/down_proj|lm_head")
+    pfn = es.PerturbFn(sigma, paths, jnp.float32)
+    eps = perturb.weight_noise(params, mkeys[0], paths)
+    for group in (1, 2):
+        got, _ = es.fullrank_generate(params, cfg, tokens, mask, mkeys, key, gkw, pfn, mesh=False, group=group,
+                                      signs=signs)
+        for n, s in enumerate(signs):
+            want, _ = explicit({p: (x + s * sigma * eps[p] if p in eps else x) for p, x in flat.items()})
+            np.testing.assert_array_equal(got[2 * n:2 * n + 2], want)
+    assert not np.array_equal(got[:2], got[2:])
+    # low rank
+    r = 2
+    lpaths = perturb.lowrank_paths(params, "")
+    lr = es.LowRankFn(lpaths, r, jnp.float32)
+    out = es.lowrank_generate(params, cfg, tokens, mask, mkeys, sigma, key, gkw, lr, mesh=False, signs=signs)
+    fac = perturb.lowrank_factors(params, mkeys[0], lpaths, r)
+    for n, s in enumerate(signs):
+        want_t, want_lp = explicit({p: (x + s * sigma * perturb.lowrank_delta(*fac[p]) if p in fac else x)
+                                    for p, x in flat.items()})
+        np.testing.assert_array_equal(np.asarray(out.tokens)[2 * n:2 * n + 2], want_t)
+        np.testing.assert_allclose(np.asarray(out.logprobs)[2 * n:2 * n + 2], want_lp, rtol=1e-4, atol=1e-5)

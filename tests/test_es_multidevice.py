@@ -61,6 +61,28 @@ SCRIPT = textwrap.dedent("""
     l4 = es.lowrank_generate(params, cfg, tokens, mask, mkeys, 0.5, jax.random.key(3), gkw, lr, mesh=None)
     l1 = es.lowrank_generate(params, cfg, tokens, mask, mkeys, 0.5, jax.random.key(3), gkw, lr, mesh=False)
     assert np.array_equal(np.asarray(l4.tokens), np.asarray(l1.tokens))
+    # full-rank WP, 2 members per call, rows and fsdp-sharded master over data:2 x fsdp:2, vs
+    # one member per call on one device: same tokens, rewards and update
+    from jaxrl_sparse import parallel
+    msh = parallel.make_mesh("data:2,fsdp:2")
+    t4, m4 = np.concatenate([tokens, tokens[::-1]]), np.concatenate([mask, mask[::-1]])
+    paths = perturb.leaf_paths(params, "lm_head")  # one leaf: short CPU compiles
+    pfn = es.PerturbFn(0.5, paths, jnp.float32)
+    p_sh = parallel.put_params(params, msh)
+    f4 = es.fullrank_generate(p_sh, cfg, t4, m4, mkeys, jax.random.key(4), gkw, pfn, mesh=msh, group=2)
+    f1 = es.fullrank_generate(params, cfg, t4, m4, mkeys, jax.random.key(4), gkw, pfn, mesh=False, group=1)
+    assert np.array_equal(f4[0], f1[0]) and np.array_equal(f4[1], f1[1]), (f4[0], f1[0])
+    assert len({r.tobytes() for r in f1[0]}) > 4
+    golds = ["5", "7", "7", "5"]
+    r4 = es.member_rewards(es.char_tokenizer(), f4[0], f4[1], golds, N)
+    r1 = es.member_rewards(es.char_tokenizer(), f1[0], f1[1], golds, N)
+    assert np.array_equal(r4, r1)
+    z = jnp.asarray(es_math.zscore(r1 + 0.01 * np.arange(N)))
+    copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
+    u4 = es._wp_update_fn(0.1, paths, parallel.param_layout(p_sh, msh))(copy(p_sh), mkeys, z)
+    u1 = es._wp_update_fn(0.1, paths, None)(copy(params), mkeys, z)
+    for x, y in zip(jax.tree_util.tree_leaves(u4), jax.tree_util.tree_leaves(u1)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
     print("OK")
 """)
 

@@ -1,7 +1,7 @@
 """`python -m launch.bench es`: one ES iteration per method (NP, low-rank WP, full-rank WP), by phase.
 
 qwen2.5-1.5b shapes, random weights (speed does not depend on weight values), pop 30, n_train 64,
-256 new tokens at fixed length, bf16 compute with fp32 master weights. Phases: generate (all
+256 new tokens at fixed length, greedy (the trainer's default), bf16 compute with fp32 master weights. Phases: generate (all
 members' rollouts), reward (token ids -> host strings -> exact-match, a proxy for detokenisation),
 update (NP replay / WP update). The first iteration (compilation) is excluded.
 Peer (quoted from the seed's measurements on the same H100, not re-run): 30 sequential HF `generate`
@@ -32,9 +32,13 @@ def _rewards_proxy(tokens, mask, n_members: int) -> np.ndarray:
 def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n_train: int = 64,
         new_tokens: int = 256, prompt_len: int = 128, rank: int = 1, np_include: str = "mlp",
         last_k: int = 1, micro_members: int = 1, tok_chunk: int = 128, seed: int = 0, mesh: str = "",
-        per_device_pop: int = 0) -> Dict[str, Any]:
+        per_device_pop: int = 0, np_capture: bool = True, wp_group: int = 0) -> Dict[str, Any]:
     """mesh: 'data:N,fsdp:M' ('' = all devices on data): population rows split over the devices,
-    the fp32 master over fsdp. per_device_pop > 0: pop = per_device_pop x devices (weak scaling)."""
+    the fp32 master over fsdp. per_device_pop > 0: pop = per_device_pop x devices (weak scaling).
+    np_capture: NP generation keeps the stream entering block L - last_k and the replay runs only the
+    last_k blocks from it (`es.np_capture_layer`); False = replay every block.
+    wp_group: full-rank WP members decoded per call (0 = from free device memory, all on CPU); the
+    size used is reported as results['wp_group']."""
     from jaxrl_sparse import parallel
     from jaxrl_sparse.models.config import preset
     from jaxrl_sparse.models.decoder import init_params
@@ -56,8 +60,8 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
     layout = parallel.param_layout(params, msh)
     tokens = np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (n_train, prompt_len), 10, cfg.vocab_size))
     mask = np.ones_like(tokens)
-    gkw = dict(max_new_tokens=new_tokens, greedy=False, temperature=1.0, eos_token_id=None, pad_token_id=0,
-               fixed_length=True)
+    # greedy, as `launch.es` decodes by default (the perturbation is the exploration)
+    gkw = dict(max_new_tokens=new_tokens, greedy=True, eos_token_id=None, pad_token_id=0, fixed_length=True)
     cast = es.CastFn(cdt)
     sigma, alpha = 0.001, 0.001
     results: Dict[str, Any] = {"device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
@@ -73,7 +77,8 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
         t0 = time.perf_counter()
         if method == "np":
             scales = perturb.np_scales(cfg, np_include, last_k, 0.005)
-            out, rk, pt, pm = es.np_generate(state, cfg, tokens, mask, mkeys, scales, kg, gkw, cast, mesh=msh)
+            out, rk, pt, pm = es.np_generate(state, cfg, tokens, mask, mkeys, scales, kg, gkw, cast, mesh=msh,
+                                             capture_layer=es.np_capture_layer(cfg, np_include, last_k, np_capture))
             gt, gm = jax.block_until_ready((out.tokens, out.mask))
         elif method == "lowrank":
             lr = es.LowRankFn(perturb.lowrank_paths(state, ""), rank, cdt)
@@ -81,8 +86,10 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
             gt, gm = jax.block_until_ready((out.tokens, out.mask))
         else:
             pfn = es.PerturbFn(sigma, perturb.leaf_paths(state, ""), cdt)
-            gt, gm = es.fullrank_generate(state, cfg, tokens, mask, mkeys, kg, gkw, pfn,
-                                          mesh=msh if n_train % parallel.batch_size_multiple(msh) == 0 else False)
+            fmesh = msh if n_train % parallel.batch_size_multiple(msh) == 0 else False
+            g = results.setdefault("wp_group", wp_group or es.auto_fullrank_group(state, cfg, tokens, fmesh, gkw,
+                                                                                  pop, cdt))
+            gt, gm = es.fullrank_generate(state, cfg, tokens, mask, mkeys, kg, gkw, pfn, mesh=fmesh, group=g)
         t1 = time.perf_counter()
         r = _rewards_proxy(gt, gm, pop)
         z = np.asarray(es_math.zscore(r + 1e-3 * np.arange(pop))) * signs   # never all-zero
@@ -96,7 +103,9 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
             msk = np.concatenate([np.asarray(pm).astype(bool), gm.astype(bool)], 1)
             rows = parallel.put_batch((toks, msk, np.asarray(es_math.np_contrib_mask(pm, gm)), np.asarray(rk),
                                        row_coef), msh)
-            delta = fn(state, *rows, scales)
+            hidden = None if out.hidden is None else parallel.put_batch(out.hidden, msh)
+            delta = fn(state, *rows, scales, hidden)
+            del out, hidden
             state = jax.jit(es_math.apply_delta, donate_argnums=(0,), out_shardings=layout.tree)(state, delta)
         elif method == "lowrank":
             state = es._lowrank_update_fn(alpha, lr.paths, rank, layout)(state, mkeys, jnp.asarray(z))
@@ -114,6 +123,9 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
         state, ph = iteration(m, 1, state)
         ph["first_iteration_s"] = first
         ph["speedup_vs_seed"] = SEED_S_PER_ITER / ph["total_s"]
+        stats = jax.local_devices()[0].memory_stats()
+        if stats and "peak_bytes_in_use" in stats:  # process peak so far (this and earlier methods)
+            ph["peak_gb"], ph["limit_gb"] = stats["peak_bytes_in_use"] / 2**30, stats.get("bytes_limit", 0) / 2**30
         results["methods"][m] = ph
         del state
     return results
@@ -132,6 +144,10 @@ def main(argv: Optional[List[str]] = None):
     ap.add_argument("--last_k", type=int, default=1)
     ap.add_argument("--micro_members", type=int, default=1, help="NP replay: members per micro-batch")
     ap.add_argument("--tok_chunk", type=int, default=128, help="NP replay: tokens per chunk")
+    ap.add_argument("--np_no_capture", action="store_true",
+                    help="NP: replay every block (no hidden state captured during generation)")
+    ap.add_argument("--wp_group", type=int, default=0,
+                    help="full-rank WP: members decoded per call, vmapped (0 = as many as fit in device memory)")
     ap.add_argument("--mesh", default="", help="device mesh data:N,fsdp:M ('' = all visible devices on data)")
     ap.add_argument("--per_device_pop", type=int, default=0,
                     help="weak scaling: pop = this x devices (0 = --pop, strong scaling)")
@@ -139,7 +155,7 @@ def main(argv: Optional[List[str]] = None):
     a = ap.parse_args(argv)
     res = run(a.small, tuple(m for m in a.methods.split(",") if m), a.pop, a.n_train, a.new_tokens,
               a.prompt_len, a.rank, a.np_include, a.last_k, a.micro_members, a.tok_chunk, mesh=a.mesh,
-              per_device_pop=a.per_device_pop)
+              per_device_pop=a.per_device_pop, np_capture=not a.np_no_capture, wp_group=a.wp_group)
     print(f"ES iteration on {res['device']} x{res['n_devices']} (mesh {res['mesh']}): {res['model']}, pop {res['pop']}, "
           f"n_train {res['n_train']}, {res['new_tokens']} new tokens (fixed), prompt {res['prompt_len']}")
     print("| method | generate s | reward s | update s | s / iteration | vs seed 164 s |")
@@ -147,6 +163,11 @@ def main(argv: Optional[List[str]] = None):
     for m, ph in res["methods"].items():
         print(f"| {m} | {ph['generate_s']:.2f} | {ph['reward_s']:.2f} | {ph['update_s']:.2f} | "
               f"{ph['total_s']:.2f} | {ph['speedup_vs_seed']:.1f}x |")
+    if "wp_group" in res:
+        print(f"full-rank WP: {res['wp_group']} members per decode call (--wp_group; 0 = from free memory)")
+    for m, ph in res["methods"].items():
+        if "peak_gb" in ph:
+            print(f"{m}: device memory peak so far {ph['peak_gb']:.1f} GiB of {ph['limit_gb']:.1f} GiB")
     print("seed figure (quoted): 30 sequential HF generate calls at batch 64, 5.47 s each = 164 s/iteration (H100)")
     if a.out:
         with open(a.out, "a") as f:

@@ -5,6 +5,9 @@ with depth. The KV cache lives in the scan carry and is updated in place with
 `dynamic_update_slice`. For GPU decoding, `forward` also takes per-layer weights and cache buffers
 (`split_layers`, `split_cache`) and then applies the same `Block` layer by layer, unrolled: a
 decode step then reads each buffer in place instead of copying a layer's slice out of the stack.
+`forward(capture_layer=j)` also returns the residual stream entering block j, and
+`forward(start_layer=j, start_hidden=...)` runs only blocks j..L-1 from such a stream (the ES NP
+replay of the last K blocks); both split the layer scan (or loop) at j.
 
 Conventions
 - `tokens [B, T]` int32, `attention_mask [B, T]` (1 = real token, 0 = padding; left padding works).
@@ -162,12 +165,13 @@ class Block(nn.Module):
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, idx, 0, 0))
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, idx, 0, 0))
             keys, vals = k_cache, v_cache
-        else:  # stacked [L, B, S, K, hd] in the scan carry
+        else:  # stacked [L, B, S, K, hd] in the scan carry (or [L - j, ...] from block j: cache_layer0)
+            cl = layer - ctx["cache_layer0"] if "cache_layer0" in ctx else layer
             k_cache = jax.lax.dynamic_update_slice(
-                k_cache, k.astype(k_cache.dtype)[None], (layer, 0, idx, 0, 0))
+                k_cache, k.astype(k_cache.dtype)[None], (cl, 0, idx, 0, 0))
             v_cache = jax.lax.dynamic_update_slice(
-                v_cache, v.astype(v_cache.dtype)[None], (layer, 0, idx, 0, 0))
-            keys, vals = k_cache[layer], v_cache[layer]  # [B, S, K, hd]
+                v_cache, v.astype(v_cache.dtype)[None], (cl, 0, idx, 0, 0))
+            keys, vals = k_cache[cl], v_cache[cl]  # [B, S, K, hd]
         mask = jnp.where(is_sliding, ctx["mask_local"], ctx["mask"])  # [B, T, S]
         o = attention(cfg, q, keys, vals, mask).reshape(B, T, H * hd).astype(x.dtype)
         o = attn.out(o)
@@ -239,12 +243,53 @@ class DecoderOutput(NamedTuple):
     logits: Optional[jax.Array]   # [B, T, V] float32 (None when compute_logits=False)
     hidden: jax.Array             # [B, T, D] final-normed hidden states
     cache: Optional[Dict[str, jax.Array]]
+    captured: Optional[jax.Array] = None  # [B, T, D] residual stream entering block `capture_layer`
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Dict[str, jax.Array]:
-    """Empty KV cache: k, v [L, B, S, K, hd]; mask [B, S] (slot holds a real token); index []."""
+class _Blocks(nn.Module):
+    """Blocks [a, a + length) as one `nn.scan` named 'layers', so parameter and module paths are the
+    Decoder's (`layers/mlp/down_proj`, ...): interceptors keyed on them work unchanged.
+    Params {'layers': stacked [length, ...]}; `layer_ids` [length] are absolute layer indices."""
+    cfg: ModelConfig
+    length: int
+    remat: bool = False
+    unroll: int = 1
+
+    @nn.compact
+    def __call__(self, carry, layer_ids, ctx):
+        block = nn.remat(Block, prevent_cse=False) if self.remat else Block
+        Stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(0, nn.broadcast), length=self.length,
+                        unroll=max(1, min(self.unroll, self.length)))
+        return Stack(self.cfg, name="layers")(carry, layer_ids, ctx)[0]
+
+
+class _UntiedHead(nn.Module):
+    """The untied head as a Dense named 'lm_head' (the Decoder's module path), for the functional paths."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        return _dense(self.cfg, self.cfg.vocab_size, "lm_head", False)(x)
+
+
+class _OneBlock(nn.Module):
+    """One block under the name 'layers' (per-layer path): module paths match the scanned Decoder's."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, carry, layer, ctx):
+        return Block(self.cfg, name="layers")(carry, layer, ctx)[0]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None,
+               layers: Optional[int] = None) -> Dict[str, jax.Array]:
+    """Empty KV cache: k, v [L, B, S, K, hd]; mask [B, S] (slot holds a real token); index [].
+
+    layers: cache only the last `layers` blocks (a forward that starts at block L - layers).
+    """
     dtype = dtype or _dt(cfg.dtype)
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers if layers is None else layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "mask": jnp.zeros((batch, max_len), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
 
@@ -384,30 +429,122 @@ def split_layers(layers) -> tuple:
     return tuple(jax.tree_util.tree_map(lambda a: a[l], layers) for l in range(L))
 
 
-def _forward_layer_loop(params, cfg: ModelConfig, tokens, attention_mask, positions, cache, noise,
-                        compute_logits: bool, logits_last: Optional[int]) -> DecoderOutput:
-    """`forward` with per-layer cache buffers: the same Block, applied layer by layer (unrolled)."""
-    T = tokens.shape[1]
-    _, kv_mask, positions, ctx, idx = _prepare(cfg, tokens, attention_mask, positions, cache, noise)
-    pos_table = params["pos_embed"]["embedding"] if cfg.is_gpt2 else None
-    x = _embed(cfg, params["embed"]["embedding"], pos_table, tokens, positions)
-    block = Block(cfg)
-    layers = split_layers(params["layers"])
-    ks, vs = [], []
-    for l in range(cfg.num_layers):
-        p_l = layers[l]
-        (x, k_l, v_l), _ = block.apply({"params": p_l}, (x, cache["k"][l], cache["v"][l]), l, ctx)
-        ks.append(k_l)
-        vs.append(v_l)
+def _layer_count(layers) -> int:
+    """Blocks held by params['layers'] or a cache's k: a tuple of per-layer entries or a stacked array/tree."""
+    if isinstance(layers, (tuple, list)):
+        return len(layers)
+    return jax.tree_util.tree_leaves(layers)[0].shape[0]
+
+
+def _range_setup(params, cfg: ModelConfig, tokens, positions, cache, start_layer: int, start_hidden,
+                 capture_layer: Optional[int]):
+    """Checks of a partial forward; returns (x0, param layer offset, cache layer offset).
+
+    params['layers'] holds all L blocks or only blocks [start_layer, L); the cache likewise.
+    x0: start_hidden in the compute dtype, or the embeddings when start_hidden is None.
+    """
+    L = cfg.num_layers
+    if not 0 <= start_layer < L:
+        raise ValueError(f"start_layer={start_layer} must be in [0, {L})")
+    if start_layer and start_hidden is None:
+        raise ValueError("start_layer > 0 needs start_hidden (the residual stream entering that block)")
+    if capture_layer is not None and not start_layer <= capture_layer <= L:
+        raise ValueError(f"capture_layer={capture_layer} must be in [start_layer={start_layer}, {L}]")
+    offsets = []
+    for what, n in (("params['layers']", _layer_count(params["layers"])), ("cache", _layer_count(cache["k"]))):
+        if n not in (L, L - start_layer):
+            raise ValueError(f"{what} holds {n} blocks; expected {L} or {L - start_layer} (from block {start_layer})")
+        offsets.append(L - n)
+    if start_hidden is None:
+        pos_table = params["pos_embed"]["embedding"] if cfg.is_gpt2 else None
+        x = _embed(cfg, params["embed"]["embedding"], pos_table, tokens, positions)
+    else:
+        if start_hidden.shape != tokens.shape + (cfg.hidden_size,):
+            raise ValueError(f"start_hidden {start_hidden.shape} must be [B, T, D] = {tokens.shape + (cfg.hidden_size,)}")
+        x = start_hidden.astype(_dt(cfg.dtype))
+    return x, offsets[0], offsets[1]
+
+
+def _finish(params, cfg: ModelConfig, x, positions, noise, compute_logits: bool, logits_last: Optional[int]):
+    """Final norm (+ head on all or the last `logits_last` slots) -> (logits or None, normed x)."""
     x = make_norm(cfg, "final_norm").apply({"params": params["final_norm"]}, x)
-    new_cache = {"k": tuple(ks), "v": tuple(vs), "mask": kv_mask, "index": idx + T}
     logits = None
     if compute_logits:
         xh, pos_h = x, positions
         if logits_last is not None:
             xh, pos_h = x[:, -logits_last:], positions[:, -logits_last:]
-        logits = _finish_logits(cfg, _head_matmul(params, cfg, xh), noise, pos_h)
-    return DecoderOutput(logits, x, new_cache)
+        if cfg.tie_embeddings:
+            raw = _head_matmul(params, cfg, xh)
+        else:  # the Decoder's Dense (module path 'lm_head'): Dense interceptors see the head here too
+            raw = _UntiedHead(cfg).apply({"params": {"lm_head": params["lm_head"]}}, xh)
+        logits = _finish_logits(cfg, raw, noise, pos_h)
+    return logits, x
+
+
+def _forward_layer_loop(params, cfg: ModelConfig, tokens, attention_mask, positions, cache, noise,
+                        compute_logits: bool, logits_last: Optional[int], capture_layer: Optional[int] = None,
+                        start_layer: int = 0, start_hidden=None) -> DecoderOutput:
+    """`forward` with per-layer cache buffers: the same Block, applied layer by layer (unrolled).
+
+    Runs blocks [start_layer, L) (from `start_hidden` when given, else from the embeddings);
+    `captured` is the residual stream entering block `capture_layer`.
+    """
+    T = tokens.shape[1]
+    L = cfg.num_layers
+    _, kv_mask, positions, ctx, idx = _prepare(cfg, tokens, attention_mask, positions, cache, noise)
+    x, p_off, c_off = _range_setup(params, cfg, tokens, positions, cache, start_layer, start_hidden, capture_layer)
+    block = _OneBlock(cfg)
+    layers = split_layers(params["layers"])
+    ks, vs = list(cache["k"][:start_layer - c_off]), list(cache["v"][:start_layer - c_off])  # blocks not run: kept
+    captured = None
+    for l in range(start_layer, L):
+        if l == capture_layer:
+            captured = x
+        (x, k_l, v_l) = block.apply({"params": {"layers": layers[l - p_off]}},
+                                    (x, cache["k"][l - c_off], cache["v"][l - c_off]), l, ctx)
+        ks.append(k_l)
+        vs.append(v_l)
+    if capture_layer == L:
+        captured = x
+    logits, x = _finish(params, cfg, x, positions, noise, compute_logits, logits_last)
+    new_cache = {"k": tuple(ks), "v": tuple(vs), "mask": kv_mask, "index": idx + T}
+    return DecoderOutput(logits, x, new_cache, captured)
+
+
+def _forward_range(params, cfg: ModelConfig, tokens, attention_mask, positions, cache, noise,
+                   compute_logits: bool, logits_last: Optional[int], remat: bool, unroll: int,
+                   capture_layer: Optional[int], start_layer: int, start_hidden) -> DecoderOutput:
+    """`forward` on stacked weights, split at `capture_layer` and/or started at `start_layer`.
+
+    The blocks run as one or two `nn.scan`s over slices of the stacked weights ([start, j) and
+    [j, L)); the residual stream between them is `captured`. A stacked cache may hold all L blocks
+    or only [start_layer, L) (`init_cache(..., layers=L - start_layer)`).
+    """
+    B, T = tokens.shape
+    L = cfg.num_layers
+    use_cache = cache is not None
+    if not use_cache:
+        cache = init_cache(cfg, B, T, layers=L - start_layer)
+    _, kv_mask, positions, ctx, idx = _prepare(cfg, tokens, attention_mask, positions, cache, noise)
+    x, p_off, c_off = _range_setup(params, cfg, tokens, positions, cache, start_layer, start_hidden, capture_layer)
+    if c_off:
+        ctx = dict(ctx, cache_layer0=jnp.int32(c_off))
+    cuts = sorted({start_layer, L} | ({capture_layer} if capture_layer is not None else set()))
+    k, v = cache["k"], cache["v"]
+    captured = None
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        if a == capture_layer:
+            captured = x
+        seg = jax.tree_util.tree_map(lambda w: w[a - p_off:b - p_off], params["layers"])
+        x, k, v = _Blocks(cfg, b - a, remat, unroll).apply({"params": {"layers": seg}}, (x, k, v),
+                                                            jnp.arange(a, b), ctx)
+    if capture_layer == L:
+        captured = x
+    logits, x = _finish(params, cfg, x, positions, noise, compute_logits, logits_last)
+    new_cache = None
+    if use_cache:
+        new_cache = {"k": k, "v": v, "mask": kv_mask, "index": idx + T}
+    return DecoderOutput(logits, x, new_cache, captured)
 
 
 def init_params(cfg: ModelConfig, key, seq_len: int = 4) -> Dict[str, Any]:
@@ -427,15 +564,26 @@ def _to_dict(tree):
 
 def forward(params, cfg: ModelConfig, tokens, attention_mask=None, positions=None, cache=None,
             noise: Optional[ActNoise] = None, compute_logits: bool = True, remat: bool = False,
-            logits_last: Optional[int] = None, unroll: int = 1) -> DecoderOutput:
+            logits_last: Optional[int] = None, unroll: int = 1, capture_layer: Optional[int] = None,
+            start_layer: int = 0, start_hidden=None) -> DecoderOutput:
     """Functional entry point: `Decoder(cfg).apply({'params': params}, ...)`.
 
     logits_last: when set, logits [B, logits_last, V] for the last slots only (hidden stays [B, T, D]).
     unroll: layers per iteration of the layer scan (same result; trades compile time for speed).
+    capture_layer: j in [0, L]: also return `captured` [B, T, D] (compute dtype), the residual stream
+      entering block j (j = L: leaving the last block, before the final norm).
+    start_layer, start_hidden [B, T, D]: skip the embeddings and blocks < start_layer; run blocks
+      [start_layer, L) from start_hidden (the stream entering block start_layer, e.g. a `captured`).
+      tokens still give the shapes (and, with attention_mask, the positions and masks).
+      params['layers'] and a given cache may then hold only blocks [start_layer, L).
+    Without these three arguments the compiled program is the plain Decoder's.
     """
     if cache is not None and isinstance(cache["k"], (tuple, list)):  # per-layer buffers: see split_cache
         return _forward_layer_loop(params, cfg, tokens, attention_mask, positions, cache, noise,
-                                   compute_logits, logits_last)
+                                   compute_logits, logits_last, capture_layer, start_layer, start_hidden)
+    if capture_layer is not None or start_layer or start_hidden is not None:
+        return _forward_range(params, cfg, tokens, attention_mask, positions, cache, noise, compute_logits,
+                              logits_last, remat, unroll, capture_layer, start_layer, start_hidden)
     return Decoder(cfg, remat=remat, unroll=unroll).apply({"params": params}, tokens, attention_mask, positions, cache,
                                            noise, compute_logits, logits_last)
 

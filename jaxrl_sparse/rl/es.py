@@ -4,8 +4,8 @@ perturbation (NP), replacing the seed's `wp_llm_gsm8k.py` / `np_llm_gsm8k.py`.
 One iteration (`train`):
   seeds     N member seeds from fold_in(seed_key, iteration); member key = fold_in(noise_key, seed)
   generate  NP / low-rank WP: the whole population as ONE batch of N * n_train rows (member-major),
-            sharded over the mesh's 'data' axis; full-rank WP: members in sequence (or gpu_threads
-            at once, vmapped), theta + sigma eps built inside the jit from the fp32 master
+            sharded over the mesh's 'data' axis; full-rank WP: --gpu_threads members per call (0 = as
+            many as fit in memory), vmapped, theta + sigma eps built inside the jit from the fp32 master
   reward    exact numeric match per row, mean per member -> r [N] -> z-score
   update    WP: theta += alpha/N sum z eps;  NP: replayed sum z eps x^T (es_math.np_replay_delta)
 Only seeds are stored. Every random choice is a function of (meta_seed, iteration), so a resumed
@@ -44,7 +44,7 @@ class ESConfig:
     model_name: str = "Qwen/Qwen2.5-1.5B-Instruct"  # registry name, HF id, HF folder, .gguf, or tiny-random
     hf_cache_dir: str = ""            # HF cache for hub downloads (sets HF_HUB_CACHE/HF_DATASETS_CACHE); seed default was a private path
     mixed_precision: str = "fp16"     # compute dtype with fp32 master weights: no=fp32, bf16, fp16 (mapped to bf16: same 16-bit bandwidth, no loss scaling)
-    gpu_threads: int = 0              # population members decoded concurrently per device (seed default 1); 0 = all: NP / low-rank WP decode the whole population as one batch, G > 0 decodes G x n_devices members per call; full-rank WP holds one weight copy per call (0 or 1; >1 is refused, use --wp_rank)
+    gpu_threads: int = 0              # population members decoded concurrently per device (seed default 1); 0 = all: NP / low-rank WP decode the whole population as one batch, G > 0 decodes G x n_devices members per call; full-rank WP: G members per call, one weight copy each (rows split over the devices), 0 = as many as fit in device memory
     n_train: int = 64                 # training problems (the same set every iteration, as in the seed)
     n_eval: int = 100                 # evaluation problems
     n_iters: int = 100                # ES iterations
@@ -64,6 +64,7 @@ class ESConfig:
     np_sync_every: int = 1            # NP: apply (and all-reduce) the accumulated replay update every K iterations
     np_micro_batch_size: int = 4      # NP replay: population members per replay micro-batch (rounded down to a divisor of pop_size)
     np_max_tok_chunk: int = 256       # NP replay: tokens per chunk (KV cache carried between chunks)
+    np_capture: bool = True           # NP with --last_k>0: generation keeps the residual stream entering block L-K and the replay runs only the last K blocks from it (same update; costs rows x (prompt+new) x hidden x 2 bytes); False = replay every block
     # beyond the seed
     wp_rank: int = 0                  # WP: >0 = low-rank perturbations A B^T / sqrt(r) (EGGROLL); population decodes as one batch
     wp_include: str = ""              # WP: regex of perturbed parameters ('' = all for full rank; projections for low rank)
@@ -114,9 +115,6 @@ class ESConfig:
             raise UserError("--sigma, --alpha, --gpu_threads and --wp_rank must be >= 0")
         if m == "np":
             perturb.parse_np_include(self.np_include)
-        if m == "wp" and self.wp_rank == 0 and self.gpu_threads > 1:
-            raise UserError(f"--gpu_threads={self.gpu_threads}: full-rank WP decodes one member (one weight "
-                            "copy) per call; use --gpu_threads=1, or --wp_rank=R to decode the population as one batch")
         return self
 
 
@@ -192,7 +190,9 @@ class CastFn(_Static):
 
 
 class PerturbFn(_Static):
-    """params_fn for full-rank WP: bundle {'model', 'key'} -> theta + sigma eps(key), cast."""
+    """params_fn for full-rank WP: bundle {'model', 'key'[, 'sign']} -> theta + sign sigma eps(key), cast.
+
+    sign (a float32 scalar, default +1): -1 for the negative member of an antithetic pair."""
     _fields = ("sigma", "paths", "dtype")
 
     def __init__(self, sigma: float, paths, dtype):
@@ -200,12 +200,14 @@ class PerturbFn(_Static):
 
     def __call__(self, bundle):
         key = jax.random.wrap_key_data(bundle["key"])
-        return perturb.perturbed_params(bundle["model"], key, self.sigma, self.paths, self.dtype)
+        sigma = self.sigma * bundle["sign"] if "sign" in bundle else self.sigma
+        return perturb.perturbed_params(bundle["model"], key, sigma, self.paths, self.dtype)
 
 
 class LowRankFn(_Static):
-    """params_fn for low-rank WP: bundle {'model', 'keys' [N, 2]} -> cast model; stashes the
-    population's factors (computed inside the jit) for `perturb.lowrank_interceptor`."""
+    """params_fn for low-rank WP: bundle {'model', 'keys' [N, 2], 'signs' [N]} -> cast model; stashes
+    the population's factors (computed inside the jit; A_n carries sign_n, -1 for the negative member
+    of an antithetic pair) for `perturb.lowrank_interceptor`."""
     _fields = ("paths", "rank", "dtype")
 
     def __init__(self, paths, rank: int, dtype):
@@ -214,7 +216,9 @@ class LowRankFn(_Static):
 
     def __call__(self, bundle):
         keys = jax.vmap(jax.random.wrap_key_data)(bundle["keys"])
-        self.factors = perturb.population_lowrank_factors(bundle["model"], keys, self.paths, self.rank)
+        fac = perturb.population_lowrank_factors(bundle["model"], keys, self.paths, self.rank)
+        sg = bundle["signs"].astype(jnp.float32)
+        self.factors = {p: (a * sg.reshape((-1,) + (1,) * (a.ndim - 1)), b) for p, (a, b) in fac.items()}
         return _cast(bundle["model"], self.dtype)
 
 
@@ -231,9 +235,12 @@ def row_noise_keys(mkeys, n_rows: int):
     return jax.vmap(per_member)(mkeys).reshape(-1, 2)
 
 
-def np_generate(params, mcfg, tokens, mask, mkeys, scales, key, gkw, params_fn, mesh=None):
+def np_generate(params, mcfg, tokens, mask, mkeys, scales, key, gkw, params_fn, mesh=None,
+                capture_layer: int = -1):
     """NP rollouts: prompts [M, P] tiled over the N members (one batch), one noise stream per row.
 
+    capture_layer j >= 0: out.hidden [N*M, P+N_new, D] is the residual stream entering block j
+    (the replay's start, `np_capture_layer`).
     Returns (GenerateOutput [N*M], row_keys [N*M, 2], tokens [N*M, P], mask [N*M, P]).
     """
     from jaxrl_sparse.generate import generate
@@ -241,34 +248,170 @@ def np_generate(params, mcfg, tokens, mask, mkeys, scales, key, gkw, params_fn, 
     rk = row_noise_keys(mkeys, M)
     t, m = np.tile(tokens, (N, 1)), np.tile(mask, (N, 1))
     out = generate(params, mcfg, t, m, key, noise=ActNoise(rk, *scales), params_fn=params_fn,
-                   mesh=mesh, **gkw)
+                   mesh=mesh, capture_layer=capture_layer, **gkw)
     return out, rk, t, m
 
 
-def lowrank_generate(params, mcfg, tokens, mask, mkeys, sigma, key, gkw, lr_fn: LowRankFn, mesh=None):
-    """Low-rank WP rollouts: N members x M prompts in one batch; row b uses member b // M's factors."""
+def lowrank_generate(params, mcfg, tokens, mask, mkeys, sigma, key, gkw, lr_fn: LowRankFn, mesh=None,
+                     signs=None):
+    """Low-rank WP rollouts: N members x M prompts in one batch; row b uses member b // M's factors.
+
+    signs [N] (default +1): member n is perturbed by sign_n sigma A_n B_n^T / sqrt(r) (antithetic pairs
+    share a seed with signs +1 / -1)."""
     from jaxrl_sparse.generate import generate
     N = mkeys.shape[0]
-    bundle = {"model": params, "keys": jax.vmap(jax.random.key_data)(mkeys)}
+    signs = np.ones(N, np.float32) if signs is None else np.asarray(signs, np.float32)
+    bundle = {"model": params, "keys": jax.vmap(jax.random.key_data)(mkeys), "signs": signs}
     with perturb.lowrank_interceptor(lambda: lr_fn.factors, sigma, N):
         return generate(bundle, mcfg, np.tile(tokens, (N, 1)), np.tile(mask, (N, 1)), key,
                         params_fn=lr_fn, mesh=mesh, **gkw)
 
 
-def fullrank_generate(params, mcfg, tokens, mask, mkeys, key, gkw, pfn: PerturbFn, mesh=None):
-    """Full-rank WP rollouts: one generate call per member (its n_train rows sharded over the mesh),
-    theta + sigma eps built inside the jit. Returns (tokens [N*M, T], mask [N*M, T]) member-major."""
+def fullrank_generate(params, mcfg, tokens, mask, mkeys, key, gkw, pfn: PerturbFn, mesh=None, group: int = 1,
+                      signs=None):
+    """Full-rank WP rollouts, theta + sigma eps built inside the jit from the fp32 master.
+
+    group G: members decoded per call. G = 1: one `generate` call per member. G > 1: one compiled
+    program per group shape (`_grouped_sampler`, the sampler's traced program vmapped over the
+    members) decodes G members at once, each member's M rows with its own perturbed weight copy
+    (batched matmuls); a last partial group (N % G members) compiles one more shape.
+    G = 0: `auto_fullrank_group` (from device memory).
+    Every member uses the same sampling `key`, so tokens equal the one-by-one path's. A member's
+    rows are sharded over the mesh's data axes as for one `generate` call. signs [N] (default +1):
+    member n decodes with theta + sign_n sigma eps_n (antithetic pairs share a seed, signs +1 / -1).
+    Returns (tokens [N*M, T], mask [N*M, T]) numpy, member-major.
+    """
     from jaxrl_sparse.generate import generate
     N = mkeys.shape[0]
-    kd = jax.vmap(jax.random.key_data)(mkeys)
+    kd = np.asarray(parallel.to_host(jax.vmap(jax.random.key_data)(mkeys)))
+    sg = np.ones(N, np.float32) if signs is None else np.asarray(signs, np.float32)
+    if group <= 0:
+        group = auto_fullrank_group(params, mcfg, tokens, mesh, gkw, N, pfn.dtype)
     toks, masks = [], []
-    for n in range(N):
-        out = generate({"model": params, "key": kd[n]}, mcfg, tokens, mask, key, params_fn=pfn, mesh=mesh,
-                       **gkw)
+    if min(group, N) == 1:
+        for n in range(N):
+            out = generate({"model": params, "key": kd[n], "sign": sg[n]}, mcfg, tokens, mask, key,
+                           params_fn=pfn, mesh=mesh, **gkw)
+            t, m = parallel.to_host((out.tokens, out.mask))
+            toks.append(t)
+            masks.append(m)
+        return np.concatenate(toks), np.concatenate(masks)
+    spec, msh, args = _sampler_inputs(params, mcfg, tokens, mask, key, mesh, **gkw)
+    fn = _grouped_sampler(mcfg, spec, pfn, msh)
+    rep = None if msh is None else jax.sharding.NamedSharding(msh, jax.sharding.PartitionSpec())
+    for s in range(0, N, group):
+        g_keys, g_signs = kd[s:s + group], sg[s:s + group]
+        if rep is not None:
+            g_keys, g_signs = parallel.put(g_keys, rep), parallel.put(g_signs, rep)
+        out = fn(args[0], g_keys, g_signs, *args[1:])             # tokens, mask [G, M, T]
         t, m = parallel.to_host((out.tokens, out.mask))
-        toks.append(t)
-        masks.append(m)
+        toks.append(t.reshape(-1, t.shape[-1]))
+        masks.append(m.reshape(-1, m.shape[-1]))
     return np.concatenate(toks), np.concatenate(masks)
+
+
+def _sampler_inputs(params, mcfg, tokens, mask, key, mesh, *, max_new_tokens: int, temperature: float = 1.0,
+                    top_k: int = 0, top_p: float = 1.0, greedy: bool = False, min_new_tokens: int = 0,
+                    eos_token_id=None, pad_token_id=None, fixed_length: bool = False, bucket: bool = True,
+                    layer_unroll=None, steps_per_sync: int = 1, layer_loop=None):
+    """`generate`'s host-side preparation, for a program built from `generate._decode_fn`: the same
+    defaults (spec, pad id, bucketing, mesh, placement, key, stops) as one `generate` call.
+
+    Returns (SamplerSpec, mesh or None, (params, tokens [M, Pb], mask [M, Pb], key, stops)).
+    """
+    from jaxrl_sparse import generate as g
+    eos = g._eos_tuple(eos_token_id, mcfg)
+    on_cpu = jax.devices()[0].platform == "cpu"
+    layer_loop = (not on_cpu) if layer_loop is None else layer_loop
+    if layer_loop:
+        layer_unroll = 1
+    elif layer_unroll is None:
+        layer_unroll = 1 if on_cpu else mcfg.num_layers
+    pad = pad_token_id if pad_token_id is not None else (
+        mcfg.pad_token_id if mcfg.pad_token_id is not None else (eos[0] if eos else 0))
+    spec = g.SamplerSpec(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
+                         top_p=float(top_p), greedy=bool(greedy), fixed_length=bool(fixed_length),
+                         layer_unroll=int(layer_unroll), steps_per_sync=int(steps_per_sync),
+                         layer_loop=bool(layer_loop), min_new_tokens=int(min_new_tokens)).validate()
+    if greedy:
+        spec = dataclasses.replace(spec, temperature=1.0, top_k=0, top_p=1.0)
+    g.check_prompts(mask, mcfg, spec.max_new_tokens)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    mask = jnp.asarray(mask).astype(jnp.bool_)
+    B, P0 = tokens.shape
+    Pb = g.bucket_length(P0) if bucket else P0
+    if Pb > P0:
+        tokens = jnp.pad(tokens, ((0, 0), (Pb - P0, 0)), constant_values=int(pad))
+        mask = jnp.pad(mask, ((0, 0), (Pb - P0, 0)))
+    mesh = g._default_mesh(B) if mesh is None else (None if mesh is False else mesh)
+    if mesh is not None:
+        parallel.check_batch(B, mesh, "full-rank WP rows (n_train)")
+        params, tokens, mask, _ = g._place(params, tokens, mask, None, mesh)
+    if not isinstance(key, jax.Array) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
+    stops = (jnp.asarray(g._eos_array(eos)), jnp.int32(pad), jnp.int32(spec.min_new_tokens))
+    return spec, mesh, (params, tokens, mask, key, stops)
+
+
+@functools.lru_cache(maxsize=16)
+def _grouped_sampler(mcfg, spec, pfn: PerturbFn, mesh):
+    """jit: (params, member keys [G, 2], signs [G], tokens [M, Pb], mask, key, stops) -> GenerateOutput [G, M, ...].
+
+    Member g decodes with `pfn({'model': params, 'key': keys[g], 'sign': signs[g]})` (as one `generate` call with
+    params_fn=pfn); the sampler's traced program (`generate._decode_fn`) is vmapped over the G
+    perturbed copies. The copies are built by `lax.map`, one member at a time, so the fp32 noise
+    temporaries of only one member are alive (a vmapped build held G members' when XLA did not fuse
+    the noise into the cast: 60 MB of temporaries per 12 MB bf16 copy on CPU). jit's cache keys on G.
+    """
+    from jaxrl_sparse.generate import _decode_fn
+    run = _decode_fn(mcfg, spec, None, mesh)
+
+    def group(params, kd, signs, tokens, mask, key, stops):
+        pp = jax.lax.map(lambda ks: pfn({"model": params, "key": ks[0], "sign": ks[1]}), (kd, signs))
+        return jax.vmap(run, in_axes=(0, None, None, None, None, None))(pp, tokens, mask, key, None, stops)
+    return jax.jit(group)
+
+
+def kv_bytes_per_token(mcfg: ModelConfig) -> int:
+    """KV-cache bytes per row per slot: layers x (k, v) x kv_heads x head_dim x compute itemsize."""
+    return mcfg.num_layers * 2 * mcfg.num_kv_heads * mcfg.head_dim * jnp.dtype(mcfg.dtype).itemsize
+
+
+def fullrank_group_size(pop: int, free_bytes: Optional[int], weight_bytes: int, kv_token_bytes: int,
+                        rows: int, seq_len: int, vocab_size: int, margin: float = 0.7,
+                        weight_copies: int = 2, kv_copies: int = 2) -> int:
+    """Members decoded per call by full-rank WP when --gpu_threads=0 (auto), from device memory.
+
+    Per member, on one device: `weight_copies` x its perturbed weights in the compute dtype
+    (`weight_bytes`; 2: the sampler's per-layer split of the stacked copy coexists with it for a
+    moment), `kv_copies` x the KV cache of its rows (rows x seq_len x kv_token_bytes; 2: prefill
+    cache and loop carry, and the vmapped loop's select when members stop at different steps),
+    plus fp32 logits (rows x vocab x 4). G = floor(margin x free_bytes / per member), clipped to
+    [1, pop], then evened out over the ceil(pop / G) calls (pop 30 at G 12 -> G 10, 3 calls) so the
+    calls have at most two shapes (compiles). free_bytes None (no memory statistics, e.g. CPU) -> pop.
+    """
+    if free_bytes is None:
+        return pop
+    per_member = (weight_copies * weight_bytes + kv_copies * rows * seq_len * kv_token_bytes
+                  + rows * vocab_size * 4)
+    g = int(max(1, min(pop, (margin * max(free_bytes, 0)) // per_member)))
+    return -(-pop // -(-pop // g))
+
+
+def auto_fullrank_group(params, mcfg, tokens, mesh, gkw, pop: int, dtype) -> int:
+    """`fullrank_group_size` for this model and batch: free memory = bytes_limit - bytes_in_use of
+    the first local device; rows per device = M / the mesh's row shards; seq = prompt bucket + new."""
+    from jaxrl_sparse.generate import _default_mesh, bucket_length
+    stats = jax.local_devices()[0].memory_stats()
+    free = None if not stats or "bytes_limit" not in stats else stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    itemsize = jnp.dtype(dtype).itemsize
+    wbytes = sum(int(np.prod(x.shape)) * (itemsize if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype.itemsize)
+                 for x in jax.tree_util.tree_leaves(params))
+    M, P0 = np.shape(tokens)
+    msh = _default_mesh(M) if mesh is None else (None if mesh is False else mesh)
+    rows = -(-M // (1 if msh is None else parallel.batch_size_multiple(msh)))
+    seq = (bucket_length(P0) if gkw.get("bucket", True) else P0) + gkw["max_new_tokens"] + gkw.get("steps_per_sync", 1)
+    return fullrank_group_size(pop, free, wbytes, kv_bytes_per_token(mcfg), rows, seq, mcfg.vocab_size)
 
 
 def member_chunks(n_members: int, threads: int) -> List[slice]:
@@ -299,13 +442,25 @@ def np_micro_members(pop: int, want: int) -> int:
     return max(d for d in range(1, min(pop, want) + 1) if pop % d == 0)
 
 
+def np_capture_layer(mcfg: ModelConfig, include: str, last_k: int, capture: bool = True) -> int:
+    """Block whose input generation keeps for the NP replay: L - last_k when only the last K blocks
+    carry noise (attn/mlp sites, last_k > 0, `capture`); -1 (replay every block) otherwise."""
+    sites = perturb.parse_np_include(include)
+    if not capture or last_k <= 0 or not ({"attn", "mlp"} & set(sites)):
+        return -1
+    return mcfg.num_layers - last_k
+
+
 @functools.lru_cache(maxsize=8)
 def _replay_fn(mcfg, include, last_k, tok_chunk, micro_rows, cdt):
-    """jit: (params, tokens, mask, contrib, row_keys, row_coef, scales) -> {path: Delta}."""
-    def fn(params, tokens, mask, contrib, row_keys, row_coef, scales):
+    """jit: (params, tokens, mask, contrib, row_keys, row_coef, scales, start_hidden=None) -> {path: Delta}.
+
+    start_hidden [R, S, D]: the stream entering block L - last_k captured during generation; the
+    replay then runs only the last_k blocks (`es_math.np_replay_delta`)."""
+    def fn(params, tokens, mask, contrib, row_keys, row_coef, scales, start_hidden=None):
         return es_math.np_replay_delta(params, mcfg, tokens, mask, contrib, row_keys, row_coef, scales,
                                        include, last_k, tok_chunk=tok_chunk, micro_rows=micro_rows,
-                                       compute_dtype=cdt)
+                                       compute_dtype=cdt, start_hidden=start_hidden)
     return jax.jit(fn)
 
 
@@ -422,6 +577,7 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
         upd_paths = sorted(tree_select_paths(params, perturb.np_param_regex(mcfg, ecfg.np_include)))
         micro = np_micro_members(N, ecfg.np_micro_batch_size) * M
         replay = _replay_fn(mcfg, ecfg.np_include, ecfg.last_k, ecfg.np_max_tok_chunk, micro, cdt)
+        cap_layer = np_capture_layer(mcfg, ecfg.np_include, ecfg.last_k, ecfg.np_capture)
     elif ecfg.wp_rank > 0:
         upd_paths = perturb.lowrank_paths(params, ecfg.wp_include)
         lr_fn = LowRankFn(upd_paths, ecfg.wp_rank, cdt)
@@ -430,6 +586,9 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
         upd_paths = perturb.leaf_paths(params, ecfg.wp_include)
         pfn = PerturbFn(sigma, upd_paths, cdt)
         wp_upd = _wp_update_fn(ecfg.alpha, tuple(upd_paths), layout)
+        # members per decode call, fixed for the run (one compile): --gpu_threads, 0 = from free memory
+        wp_group = ecfg.gpu_threads or auto_fullrank_group(params, mcfg, tr_tok, row_mesh(M), gkw, N, cdt)
+        say(f"full-rank WP: {wp_group} members per decode call")
 
     state = {"params": params}
     if method == "np":
@@ -490,8 +649,12 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
         kg = jax.random.fold_in(k_gen, it)
         if method == "np":
             parts = [np_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys[c], scales, jax.random.fold_in(kg, i),
-                                 gkw, cast_fn, mesh=row_mesh(len(mkeys[c]) * M))
+                                 gkw, cast_fn, mesh=row_mesh(len(mkeys[c]) * M), capture_layer=cap_layer)
                      for i, c in enumerate(member_chunks(N, ecfg.gpu_threads))]
+            hidden = None  # [N*M, P+N_new, D] on the devices: the replay's start (np_capture_layer)
+            if cap_layer >= 0:
+                hidden = parts[0][0].hidden if len(parts) == 1 else jnp.concatenate([p[0].hidden for p in parts])
+                parts = [(p[0]._replace(hidden=None),) + tuple(p[1:]) for p in parts]
             host = [parallel.to_host((p[0].tokens, p[0].mask)) for p in parts]
             g_tok = np.concatenate([h[0] for h in host])
             g_mask = np.concatenate([h[1] for h in host])
@@ -499,14 +662,15 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
             ptok, pmask = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
         elif ecfg.wp_rank > 0:
             outs = [lowrank_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys[c], sigma,
-                                     jax.random.fold_in(kg, i), gkw, lr_fn, mesh=row_mesh(len(mkeys[c]) * M))
+                                     jax.random.fold_in(kg, i), gkw, lr_fn, mesh=row_mesh(len(mkeys[c]) * M),
+                                     signs=signs[c])
                     for i, c in enumerate(member_chunks(N, ecfg.gpu_threads))]
             host = [parallel.to_host((o.tokens, o.mask)) for o in outs]
             g_tok = np.concatenate([h[0] for h in host])
             g_mask = np.concatenate([h[1] for h in host])
         else:
             g_tok, g_mask = fullrank_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys, kg, gkw, pfn,
-                                              mesh=row_mesh(M))
+                                              mesh=row_mesh(M), group=wp_group, signs=signs)
         g_tok, g_mask = np.asarray(g_tok), np.asarray(g_mask)
         t1 = time.perf_counter()
         phase_gc()
@@ -519,8 +683,11 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
             mask = np.concatenate([np.asarray(pmask).astype(bool), np.asarray(g_mask).astype(bool)], axis=1)
             contrib = np.asarray(es_math.np_contrib_mask(pmask, g_mask))
             rows_in = (tokens, mask, contrib, rk, row_coef)
+            if hidden is not None:
+                rows_in += (hidden,)
             rows_in = parallel.put_batch(rows_in, mesh) if row_mesh(len(tokens)) is not False else rows_in
-            delta = replay(state["params"], *rows_in, scales)   # per-row sums all-reduced by XLA
+            delta = replay(state["params"], *rows_in[:5], scales, *rows_in[5:])   # per-row sums all-reduced by XLA
+            del hidden, rows_in
             acc = parallel.put({p: state["np_accum"][p] + delta[p] for p in upd_paths}, accum_sh)
             if (it + 1) % ecfg.np_sync_every == 0 or it + 1 == ecfg.n_iters:
                 state = {"params": parallel.put(es_math.apply_delta(state["params"], acc), param_sh),

@@ -149,7 +149,7 @@ def np_contrib_mask(prompt_mask, resp_mask):
 
 def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, row_coef,
                     scales, include: str, last_k: int, *, tok_chunk: int = 256, micro_rows: int = 0,
-                    compute_dtype=None) -> Dict[str, jax.Array]:
+                    compute_dtype=None, start_hidden=None) -> Dict[str, jax.Array]:
     """{path: Delta} = sum_b row_coef_b sum_t [contrib] x_{b,t}^T eps_{b,t} per updated parameter.
 
     tokens, mask, contrib [R, S] (prompt + response; positions = cumsum(mask) - 1 as in generate);
@@ -158,12 +158,26 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
     activations see the same noise. Computed as the gradient of a surrogate, S tokens at a time
     (`tok_chunk`, with a KV cache between chunks) and `micro_rows` rows at a time (0 = all), all
     accumulated in fp32. Call inside `jax.jit` (cfg, include, last_k, tok_chunk, micro_rows static).
+
+    start_hidden [R, S, D] (needs last_k > 0): the residual stream entering block j = L - last_k at
+    every position, as `generate(..., capture_layer=j)` returns it. Blocks < j run without noise, so
+    their output is what generation computed: the replay then runs only blocks j..L-1 (same
+    interceptor, noise and chunking; the KV cache holds last_k blocks) and the result equals the
+    full replay. Updates of layers < j are zero, as in the full replay.
     """
+    L = cfg.num_layers
+    j0 = 0
+    if start_hidden is not None:
+        if not 0 < last_k <= L:
+            raise ValueError(f"start_hidden needs 0 < last_k <= {L} (the replay starts at block L - last_k)")
+        j0 = L - last_k
     sites = perturb.parse_np_include(include)
     lm = perturb.np_layer_mask(cfg, last_k)
     layer_on = {s: lm for s in ("attn", "mlp") if s in sites}
     regex = perturb.np_param_regex(cfg, include)
     flat = tree_lib.flatten(params)
+    if j0:  # the forward reads only blocks [j0, L): slice once, accumulate [L - j0, ...], pad at the end
+        flat = {p: (x[j0:] if p.startswith("layers/") else x) for p, x in flat.items()}
     head_path = None
     if "head" in sites:  # the head's input is the final hidden state: its update is direct
         head_path = "embed/embedding" if cfg.tie_embeddings else "lm_head/kernel"
@@ -184,23 +198,24 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
             return tree
         return {p: x.astype(compute_dtype) for p, x in tree.items()}
 
-    def surrogate(sel_, tok, msk, pos, w, keys, cache):
+    def surrogate(sel_, tok, msk, pos, w, keys, cache, h0):
         full = tree_lib.unflatten({**cast(rest), **cast(sel_)})
         noise = ActNoise(keys, attn_s, mlp_s, head_s)
         with _replay_interceptor(keys, pos, w, layer_on):
             out = forward(full, cfg, tok, msk, positions=pos, cache=cache, noise=noise,
-                          compute_logits=False)
+                          compute_logits=False, start_layer=j0, start_hidden=h0)
         # the value is 0; the gradient is the injected x^T ct of every site
         return jnp.sum(out.hidden.astype(jnp.float32)) * 0.0, (out.cache, out.hidden)
 
     grad_fn = jax.grad(surrogate, has_aux=True)
 
     def micro(acc, xs):
-        tok, msk, pos, w, keys = xs
-        cache = init_cache(cfg, tok.shape[0], S)
+        tok, msk, pos, w, keys, start = xs
+        cache = init_cache(cfg, tok.shape[0], S, layers=L - j0)
         for s0 in range(0, S, tok_chunk):
             sl = slice(s0, min(S, s0 + tok_chunk))
-            g, (cache, hidden) = grad_fn(sel, tok[:, sl], msk[:, sl], pos[:, sl], w[:, sl], keys, cache)
+            g, (cache, hidden) = grad_fn(sel, tok[:, sl], msk[:, sl], pos[:, sl], w[:, sl], keys, cache,
+                                         None if start is None else start[:, sl])
             cache = jax.lax.stop_gradient(cache)
             acc = {p: acc[p] + (g[p].astype(jnp.float32) if p in g else 0.0) for p in acc}
             if head_path is not None:
@@ -218,7 +233,11 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
     acc_paths = list(sel_paths) + ([head_path] if head_path else [])
     acc0 = {p: jnp.zeros(flat[p].shape, jnp.float32) for p in acc_paths}
     split = lambda x: x.reshape((R // mb, mb) + x.shape[1:])
-    acc, _ = jax.lax.scan(micro, acc0, tuple(map(split, (tokens, mask, positions, weights, row_keys))))
+    xs = tuple(map(split, (tokens, mask, positions, weights, row_keys)))
+    acc, _ = jax.lax.scan(micro, acc0, xs + (None if start_hidden is None else split(start_hidden),))
+    if j0:  # blocks < j0 carry no noise: their update is zero
+        acc = {p: (jnp.concatenate([jnp.zeros((j0,) + d.shape[1:], d.dtype), d]) if p.startswith("layers/") else d)
+               for p, d in acc.items()}
     return acc
 
 

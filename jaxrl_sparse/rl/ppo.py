@@ -228,7 +228,7 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
 
     state = {'trainable': {'model', 'value_head'}, 'opt_state'}; batch holds tokens/mask [B,Q+N],
     resp_mask, old logprobs, values, advantages, returns [B,N]. Early stopping (TRL: policykl of
-    the epoch's last mini-batch > 1.5 target_kl) skips the remaining epochs with `lax.cond`.
+    the epoch's last mini-batch > 1.5 target_kl) skips the remaining epochs (a select keeps the old state).
     mesh + layout (the state's shardings, `parallel.param_layout`): jit in/out shardings, the batch
     split over the mesh's batch axes; masked: grad_mask is a tree laid out like the model.
     """
@@ -262,7 +262,10 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
             mbatch = parallel.constrain_batch(jax.tree_util.tree_map(lambda x: x[idx], batch), mesh)
             (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"], mbatch)
             stats["ppo/grad_norm"] = optax.global_norm(grads)
-            new_state = jax.lax.cond(stop, lambda: state, lambda: apply_grads(state, grads, grad_mask))
+            # a select, not lax.cond: a GPU conditional reads its predicate on the host (a stream
+            # sync per mini-batch); the select fuses into the optimizer's elementwise update
+            new_state = jax.tree_util.tree_map(lambda o, n: jnp.where(stop, o, n), state,
+                                               apply_grads(state, grads, grad_mask))
             stats["ppo/applied"] = 1.0 - stop.astype(jnp.float32)
             if pcfg.early_stopping:  # TRL checks at the end of each epoch, on its last mini-batch
                 stop = stop | (epoch_end & (stats["policy/policykl"] > 1.5 * pcfg.target_kl))
