@@ -253,34 +253,19 @@ def check_prompts(prompt_mask: np.ndarray, cfg: ModelConfig, max_new_tokens: int
                         f"{cfg.max_position_embeddings} positions; shorten the prompt or max_new_tokens")
 
 
-def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-             min_new_tokens: int = 0, eos_token_id: Union[int, Sequence[int], None] = None,
-             pad_token_id: Optional[int] = None, fixed_length: bool = False,
-             noise: Optional[ActNoise] = None, params_fn: Optional[Callable[[Any], Any]] = None,
-             mesh: Union[Mesh, None, bool] = None, bucket: bool = True,
-             layer_unroll: Optional[int] = None, steps_per_sync: int = 1,
-             layer_loop: Optional[bool] = None, capture_layer: int = -1) -> GenerateOutput:
-    """Samples up to `max_new_tokens` tokens after left-padded prompts [B, P].
+def prepare(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_new_tokens: int,
+            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+            min_new_tokens: int = 0, eos_token_id: Union[int, Sequence[int], None] = None,
+            pad_token_id: Optional[int] = None, fixed_length: bool = False,
+            noise: Optional[ActNoise] = None, mesh: Union[Mesh, None, bool] = None, bucket: bool = True,
+            layer_unroll: Optional[int] = None, steps_per_sync: int = 1,
+            layer_loop: Optional[bool] = None, capture_layer: int = -1):
+    """`generate`'s host-side preparation (settings as in `generate`): validated SamplerSpec, the
+    defaults (pad id, layer loop), prompt bucketing, mesh choice and placement, key, stop inputs.
 
-    key: a PRNG key (typed or raw uint32[2]). eos_token_id: int or list (default cfg's; none = no
-    stopping). pad_token_id: filler after EOS (default cfg's pad, else the first EOS, else 0).
-    noise: ActNoise (keys [B, 2]) passed to every forward (positions are absolute, so a teacher-
-    forced replay sees the same eps). params_fn: applied to params inside the jit (e.g. a LoRA
-    merge); hashed as a static argument, so pass the same function object to reuse the compile.
-    mesh: a Mesh with a 'data' (and 'fsdp') axis, rows split over both (`jaxrl_sparse.parallel`);
-    None = all devices when they divide B; False = no sharding.
-    bucket: pad the prompt length up to `bucket_length(P)` (fewer compiles).
-    layer_loop: decode with per-layer weights and KV buffers, layers unrolled (`split_cache`; same
-    tokens): no per-step copies of each layer's weights and cache slice. Default: on for
-    accelerators, off on CPU (faster compiles). layer_unroll: without layer_loop, layers per
-    iteration of the decode step's layer scan (identical results; default 1 on CPU, all layers
-    elsewhere); ignored with layer_loop, which unrolls every layer.
-    capture_layer: j >= 0 also returns `hidden` [B, P + N, D] (compute dtype; P = the caller's prompt
-    length, bucket padding stripped), the residual stream entering block j for every prompt slot and
-    fed response token, aligned with `concat([prompt_tokens, out.tokens], 1)`: a replay of blocks
-    j..L-1 can start from it (`forward(..., start_layer=j, start_hidden=...)`). Costs B (P + N) D
-    values of memory; -1 (default) = off, the program is unchanged.
+    Returns (spec, mesh or None, (params, tokens [B, Pb], mask [B, Pb], key, noise, stops)): the
+    arguments of `compiled_sampler(cfg, spec, params_fn, mesh)` / the traced `_decode_fn` program
+    (callers that wrap that program, e.g. a vmap over ES population members, use this too).
     """
     eos = _eos_tuple(eos_token_id, cfg)
     on_cpu = jax.devices()[0].platform == "cpu"
@@ -319,6 +304,45 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
     if greedy:  # temperature/top-k/top-p do not change argmax decoding: share one compile
         spec = dataclasses.replace(spec, temperature=1.0, top_k=0, top_p=1.0)
     stops = (jnp.asarray(_eos_array(eos)), jnp.int32(pad), jnp.int32(spec.min_new_tokens))
+    return spec, mesh, (params, tokens, mask, key, noise, stops)
+
+
+def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+             min_new_tokens: int = 0, eos_token_id: Union[int, Sequence[int], None] = None,
+             pad_token_id: Optional[int] = None, fixed_length: bool = False,
+             noise: Optional[ActNoise] = None, params_fn: Optional[Callable[[Any], Any]] = None,
+             mesh: Union[Mesh, None, bool] = None, bucket: bool = True,
+             layer_unroll: Optional[int] = None, steps_per_sync: int = 1,
+             layer_loop: Optional[bool] = None, capture_layer: int = -1) -> GenerateOutput:
+    """Samples up to `max_new_tokens` tokens after left-padded prompts [B, P].
+
+    key: a PRNG key (typed or raw uint32[2]). eos_token_id: int or list (default cfg's; none = no
+    stopping). pad_token_id: filler after EOS (default cfg's pad, else the first EOS, else 0).
+    noise: ActNoise (keys [B, 2]) passed to every forward (positions are absolute, so a teacher-
+    forced replay sees the same eps). params_fn: applied to params inside the jit (e.g. a LoRA
+    merge); hashed as a static argument, so pass the same function object to reuse the compile.
+    mesh: a Mesh with a 'data' (and 'fsdp') axis, rows split over both (`jaxrl_sparse.parallel`);
+    None = all devices when they divide B; False = no sharding.
+    bucket: pad the prompt length up to `bucket_length(P)` (fewer compiles).
+    layer_loop: decode with per-layer weights and KV buffers, layers unrolled (`split_cache`; same
+    tokens): no per-step copies of each layer's weights and cache slice. Default: on for
+    accelerators, off on CPU (faster compiles). layer_unroll: without layer_loop, layers per
+    iteration of the decode step's layer scan (identical results; default 1 on CPU, all layers
+    elsewhere); ignored with layer_loop, which unrolls every layer.
+    capture_layer: j >= 0 also returns `hidden` [B, P + N, D] (compute dtype; P = the caller's prompt
+    length, bucket padding stripped), the residual stream entering block j for every prompt slot and
+    fed response token, aligned with `concat([prompt_tokens, out.tokens], 1)`: a replay of blocks
+    j..L-1 can start from it (`forward(..., start_layer=j, start_hidden=...)`). Costs B (P + N) D
+    values of memory; -1 (default) = off, the program is unchanged.
+    """
+    spec, mesh, (params, tokens, mask, key, noise, stops) = prepare(
+        params, cfg, prompt_tokens, prompt_mask, key, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, greedy=greedy, min_new_tokens=min_new_tokens, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, fixed_length=fixed_length, noise=noise, mesh=mesh, bucket=bucket,
+        layer_unroll=layer_unroll, steps_per_sync=steps_per_sync, layer_loop=layer_loop,
+        capture_layer=capture_layer)
+    P0, Pb = np.shape(prompt_tokens)[1], tokens.shape[1]
     fn = compiled_sampler(cfg, spec, params_fn, mesh)
     out = fn(params, tokens, mask, key, noise, stops)
     if out.hidden is not None and Pb > P0:  # drop the bucket's extra left padding: align with the caller's prompt

@@ -310,47 +310,14 @@ def fullrank_generate(params, mcfg, tokens, mask, mkeys, key, gkw, pfn: PerturbF
     return np.concatenate(toks), np.concatenate(masks)
 
 
-def _sampler_inputs(params, mcfg, tokens, mask, key, mesh, *, max_new_tokens: int, temperature: float = 1.0,
-                    top_k: int = 0, top_p: float = 1.0, greedy: bool = False, min_new_tokens: int = 0,
-                    eos_token_id=None, pad_token_id=None, fixed_length: bool = False, bucket: bool = True,
-                    layer_unroll=None, steps_per_sync: int = 1, layer_loop=None):
-    """`generate`'s host-side preparation, for a program built from `generate._decode_fn`: the same
-    defaults (spec, pad id, bucketing, mesh, placement, key, stops) as one `generate` call.
-
-    Returns (SamplerSpec, mesh or None, (params, tokens [M, Pb], mask [M, Pb], key, stops)).
-    """
-    from jaxrl_sparse import generate as g
-    eos = g._eos_tuple(eos_token_id, mcfg)
-    on_cpu = jax.devices()[0].platform == "cpu"
-    layer_loop = (not on_cpu) if layer_loop is None else layer_loop
-    if layer_loop:
-        layer_unroll = 1
-    elif layer_unroll is None:
-        layer_unroll = 1 if on_cpu else mcfg.num_layers
-    pad = pad_token_id if pad_token_id is not None else (
-        mcfg.pad_token_id if mcfg.pad_token_id is not None else (eos[0] if eos else 0))
-    spec = g.SamplerSpec(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
-                         top_p=float(top_p), greedy=bool(greedy), fixed_length=bool(fixed_length),
-                         layer_unroll=int(layer_unroll), steps_per_sync=int(steps_per_sync),
-                         layer_loop=bool(layer_loop), min_new_tokens=int(min_new_tokens)).validate()
-    if greedy:
-        spec = dataclasses.replace(spec, temperature=1.0, top_k=0, top_p=1.0)
-    g.check_prompts(mask, mcfg, spec.max_new_tokens)
-    tokens = jnp.asarray(tokens, jnp.int32)
-    mask = jnp.asarray(mask).astype(jnp.bool_)
-    B, P0 = tokens.shape
-    Pb = g.bucket_length(P0) if bucket else P0
-    if Pb > P0:
-        tokens = jnp.pad(tokens, ((0, 0), (Pb - P0, 0)), constant_values=int(pad))
-        mask = jnp.pad(mask, ((0, 0), (Pb - P0, 0)))
-    mesh = g._default_mesh(B) if mesh is None else (None if mesh is False else mesh)
-    if mesh is not None:
-        parallel.check_batch(B, mesh, "full-rank WP rows (n_train)")
-        params, tokens, mask, _ = g._place(params, tokens, mask, None, mesh)
-    if not isinstance(key, jax.Array) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
-    stops = (jnp.asarray(g._eos_array(eos)), jnp.int32(pad), jnp.int32(spec.min_new_tokens))
-    return spec, mesh, (params, tokens, mask, key, stops)
+def _sampler_inputs(params, mcfg, tokens, mask, key, mesh, **gkw):
+    """`generate.prepare` for the grouped program (no noise): the same defaults as one `generate`
+    call. Returns (SamplerSpec, mesh or None, (params, tokens [M, Pb], mask [M, Pb], key, stops))."""
+    from jaxrl_sparse.generate import prepare
+    if mesh is not None and mesh is not False:
+        parallel.check_batch(np.shape(tokens)[0], mesh, "full-rank WP rows (n_train)")
+    spec, msh, (params, tokens, mask, key, _, stops) = prepare(params, mcfg, tokens, mask, key, mesh=mesh, **gkw)
+    return spec, msh, (params, tokens, mask, key, stops)
 
 
 @functools.lru_cache(maxsize=16)
