@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_sparse import parallel
 from jaxrl_sparse.errors import UserError
 from jaxrl_sparse.models.config import ModelConfig
 from jaxrl_sparse.models.decoder import forward
@@ -81,30 +82,43 @@ def bucket_length(n: int, bucket: int) -> int:
 
 def score_sequences(params, cfg: ModelConfig, seqs: Sequence[Sequence[int]], starts: Sequence[int], *,
                     batch_size: int = 8, bucket: int = 64, pad_id: int = 0,
-                    progress: bool = True) -> List[np.ndarray]:
+                    progress: bool = True, mesh=None) -> List[np.ndarray]:
     """Per sequence, the log-probs [len - start] of tokens `seq[start:]` given their prefix.
 
     Sequences are sorted by length, batched (always `batch_size` rows: short batches are filled
     with one-token dummies) and left-padded to a multiple of `bucket`, so one jitted function
     compiles once per bucket length.
+
+    mesh: a `jaxrl_sparse.parallel` Mesh (or None = one device). The rows of each batch are split
+    over its data x fsdp devices (the batch is filled with dummies up to a multiple of them) and
+    the params placed with `parallel.put_params` (replicated, or fsdp-sharded when fsdp > 1).
     """
     from tqdm.auto import tqdm
     fn = jax.jit(sequence_logprobs, static_argnums=1)
+    rows = batch_size
+    if mesh is not None:
+        k = parallel.batch_size_multiple(mesh)
+        rows = -(-batch_size // k) * k
+        params = parallel.put_params(params, mesh)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     out: List[Optional[np.ndarray]] = [None] * len(seqs)
     bar = tqdm(total=len(seqs), desc="scoring", unit="text", disable=not progress)
     for b0 in range(0, len(order), batch_size):
         idx = order[b0:b0 + batch_size]
         T = bucket_length(max(len(seqs[i]) for i in idx), bucket)
-        tokens = np.full((batch_size, T), pad_id, np.int32)
-        mask = np.zeros((batch_size, T), np.int32)
+        tokens = np.full((rows, T), pad_id, np.int32)
+        mask = np.zeros((rows, T), np.int32)
         mask[:, -1] = 1  # dummy rows: one real token, nothing scored
         for r, i in enumerate(idx):
             n = len(seqs[i])
             if n:
                 tokens[r, T - n:] = seqs[i]
                 mask[r, T - n:] = 1
-        lp = np.asarray(fn(params, cfg, jnp.asarray(tokens), jnp.asarray(mask)))
+        if mesh is None:
+            lp = np.asarray(fn(params, cfg, jnp.asarray(tokens), jnp.asarray(mask)))
+        else:
+            tokens, mask = parallel.put_batch((tokens, mask), mesh)
+            lp = parallel.to_host(fn(params, cfg, tokens, mask))
         for r, i in enumerate(idx):
             n, s = len(seqs[i]), starts[i]
             # token k of the sequence sits in slot T - n + k; its log-prob is lp[:, slot - 1]
@@ -126,6 +140,7 @@ class ScoreConfig:
     dtype: str = "float32"       # compute dtype (float32 | bfloat16); parameters are stored in it too
     bucket: int = 64             # sequence lengths are padded to a multiple of this (fewer recompiles)
     progress: bool = True        # tqdm progress bar
+    mesh: str = ""               # device mesh 'data:N,fsdp:M' ('' = all devices on data); rows split over it
 
 
 def read_jsonl_texts(path: str) -> List[Dict[str, Any]]:
@@ -167,8 +182,9 @@ def write_jsonl_atomic(path: str, rows: Sequence[Dict[str, Any]]) -> None:
 
 
 def score_rows(lm, rows: Sequence[Dict[str, Any]], *, batch_size: int = 8, bucket: int = 64,
-               progress: bool = True, where: str = "input") -> List[Dict[str, Any]]:
-    """Scores rows {"text", optional "prompt"} with a LoadedModel; returns rows with results added."""
+               progress: bool = True, where: str = "input", mesh=None) -> List[Dict[str, Any]]:
+    """Scores rows {"text", optional "prompt"} with a LoadedModel; returns rows with results added.
+    mesh: see `score_sequences` (None = one device)."""
     tok, cfg = lm.tokenizer, lm.config
     seqs, starts, modes = [], [], []
     for n, row in enumerate(rows, 1):
@@ -181,7 +197,7 @@ def score_rows(lm, rows: Sequence[Dict[str, Any]], *, batch_size: int = 8, bucke
         modes.append(mode)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     lps = score_sequences(lm.params, cfg, seqs, starts, batch_size=batch_size, bucket=bucket,
-                          pad_id=pad, progress=progress)
+                          pad_id=pad, progress=progress, mesh=mesh)
     out = []
     for row, lp, mode in zip(rows, lps, modes):
         r = dict(row, logprob=float(np.sum(lp, dtype=np.float64)), n_tokens=int(lp.shape[0]),
@@ -193,13 +209,17 @@ def score_rows(lm, rows: Sequence[Dict[str, Any]], *, batch_size: int = 8, bucke
 
 
 def score_file(config: ScoreConfig) -> int:
-    """Reads `config.texts_file`, scores every row, writes `config.out`; returns the row count."""
+    """Reads `config.texts_file`, scores every row on the mesh `config.mesh`, writes `config.out`
+    (process 0 only); returns the row count."""
     from jaxrl_sparse.models.hub import load_model
     if config.batch_size < 1 or config.bucket < 1:
         raise UserError("--batch_size and --bucket must be >= 1")
+    mesh = parallel.make_mesh(config.mesh)  # a bad --mesh fails before the model loads
     rows = read_jsonl_texts(config.texts_file)
     lm = load_model(config.model, param_dtype=config.dtype, dtype=config.dtype)
     scored = score_rows(lm, rows, batch_size=config.batch_size, bucket=config.bucket,
-                        progress=config.progress, where=config.texts_file)
-    write_jsonl_atomic(config.out, scored)
+                        progress=config.progress and parallel.is_main_process(),
+                        where=config.texts_file, mesh=mesh)
+    if parallel.is_main_process():
+        write_jsonl_atomic(config.out, scored)
     return len(scored)

@@ -2,11 +2,14 @@
 
     python -m launch.analyze --ckpt_dir=runs/ppo/ckpt [--taus=1e-7,1e-6,1e-5] [--steps=0,20,40]
         [--include=REGEX] [--out=DIR] [--compare_dir=OTHER_RUN] [--mask_out=mask.npz --mask_tau=1e-6]
-        [--rank_method=gram64]
+        [--rank_method=gram64] [--mesh=data:N,fsdp:M]
+        [--coordinator_address=HOST:PORT --num_processes=N --process_id=I | --distributed=auto]
     python -m launch.analyze --base=A --final=B    # checkpoint dirs, step dirs, HF folders / ids
 
 Writes coverage_combined.png, density_combined.png, layer_ranks.png, density_heatmap.png,
 summary.json and layer_ranks.csv into --out (default: <parent of ckpt_dir>/plots).
+--mesh (default: every device on 'data') splits the stacked layers of each matrix over the devices
+(`jaxrl_sparse/analysis/report.py`); only process 0 writes files and prints.
 """
 from __future__ import annotations
 
@@ -52,16 +55,18 @@ def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; all options are --flags")
     logging.set_verbosity(logging.ERROR)  # Orbax logs every manager it opens at INFO/WARNING
-    from jaxrl_sparse.analysis import report  # after flag parsing: JAX import is slow
+    from jaxrl_sparse import parallel  # after flag parsing: JAX import is slow
+    from jaxrl_sparse.analysis import report
 
     cfg = report.AnalyzeConfig(
         ckpt_dir=FLAGS.ckpt_dir, taus=_floats("taus", FLAGS.taus),
         steps=_ints("steps", FLAGS.steps) if FLAGS.steps else None, include=FLAGS.include,
         out=FLAGS.out, compare_dir=FLAGS.compare_dir, mask_out=FLAGS.mask_out,
         mask_tau=FLAGS.mask_tau, mask_untracked=FLAGS.mask_untracked, base=FLAGS.base,
-        final=FLAGS.final, progress=FLAGS.progress, rank_method=FLAGS.rank_method)
+        final=FLAGS.final, progress=FLAGS.progress, rank_method=FLAGS.rank_method, mesh=FLAGS.mesh)
     summary = report.analyze(cfg)
-    print(report.format_summary(summary))
+    if parallel.is_main_process():
+        print(report.format_summary(summary))
 
 
 if __name__ == "__main__":

@@ -154,7 +154,8 @@ def overlap_counts(w0a, wfa, w0b, wfb, views: Tuple[View, ...]):
 
 def totals(row_counts: Mapping[str, jax.Array]) -> np.ndarray:
     """int64 [V]: sums [V, rows] row counts over rows and leaves, on the host."""
-    host = jax.device_get(dict(row_counts))
+    from jaxrl_sparse.parallel import to_host   # multi-host: arrays split over processes
+    host = to_host(dict(row_counts))
     return sum(np.asarray(c, np.int64).sum(axis=-1) for c in host.values())
 
 

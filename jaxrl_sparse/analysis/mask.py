@@ -47,7 +47,8 @@ def update_mask(params_0, params_final, *, tau: float, include: Optional[str] = 
     sel_f = deltas.select_tracked(params_final, include)
     if shapes is None:
         shapes = {p: tuple(x.shape) for p, x in tree_lib.flatten(params_final).items()}
-    tracked = jax.device_get(_tau_masks({p: _flat_get(params_0, p) for p in sel_f}, sel_f,
+    from jaxrl_sparse.parallel import to_host   # multi-host: arrays split over processes
+    tracked = to_host(_tau_masks({p: _flat_get(params_0, p) for p in sel_f}, sel_f,
                                         jnp.float32(tau)))
     flat = {}
     for path, shape in shapes.items():

@@ -8,6 +8,13 @@ reported and becomes a gap (NaN / null), never a crash.
 
 Pair mode (`base` + `final`): any two models — Orbax checkpoint dirs (latest step), step dirs
 (`DIR/<step>`), or whatever `jaxrl_sparse.models.load_params` reads (HF folder / hub id / GGUF).
+
+Devices (`mesh`, a `jaxrl_sparse.parallel` spec): each stacked leaf [L, m, n] is placed with its
+layer axis split over the mesh's devices (data x fsdp, else 'data') when L divides them, so the
+jitted rank/density programs run data-parallel over layers; other leaves are replicated. Every
+matrix's statistics are computed by the same per-matrix code either way, so results equal one
+device's. Multi-host: every process reads the checkpoints and runs the same program; results are
+gathered with `parallel.to_host`, and only process 0 writes files.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxrl_sparse import checkpoint
+from jaxrl_sparse import checkpoint, parallel
 from jaxrl_sparse import tree as tree_lib
 from jaxrl_sparse.analysis import deltas, mask as mask_lib, plots, ranks
 from jaxrl_sparse.errors import UserError
@@ -45,6 +52,7 @@ class AnalyzeConfig:
     final: Optional[str] = None             # pair mode: the fine-tuned model
     progress: bool = True                   # tqdm bar over steps
     rank_method: Optional[str] = None       # ranks.RANK_METHODS key; None = ranks.DEFAULT_RANK_METHOD
+    mesh: Optional[str] = ""                # device mesh 'data:N,fsdp:M' ('' = all devices on data; None = default device)
 
 
 def default_out(cfg: AnalyzeConfig) -> str:
@@ -62,8 +70,9 @@ class _Source:
     """A model to read tracked leaves from: a checkpoint step, or a loaded params tree."""
 
     def __init__(self, label: str, ckpt_dir: Optional[str] = None, step: Optional[int] = None,
-                 params=None):
+                 params=None, mesh=None):
         self.label, self.ckpt_dir, self.step, self._params = label, ckpt_dir, step, params
+        self.mesh = mesh
 
     def shapes(self) -> Dict[str, tuple]:
         if self._params is not None:
@@ -87,22 +96,41 @@ class _Source:
             if missing:
                 raise UserError(f"{self.label} lacks tracked parameters {missing[:4]}; "
                                 "is it the same model?")
-            return jax.device_put({p: flat[p] for p in paths})
+            return place({p: flat[p] for p in paths}, self.mesh)
         tree = checkpoint.restore_params(self.ckpt_dir, self.step, paths=paths)
         flat = tree_lib.flatten(tree)
-        return jax.device_put({p: flat[p] for p in paths})
+        return place({p: flat[p] for p in paths}, self.mesh)
 
 
-def resolve_source(spec: str) -> _Source:
+def stack_sharding(shape, mesh):
+    """Sharding of a tracked leaf on `mesh`: a stack [L, m, n] (ndim >= 3) split on L over
+    data x fsdp when L divides their product, else over 'data' when L divides it; else replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    if len(shape) >= 3:
+        for axes in (parallel.BATCH_AXES, ("data",)):
+            k = int(np.prod([mesh.shape[a] for a in axes]))
+            if k > 1 and shape[0] % k == 0:
+                return NamedSharding(mesh, P(axes))
+    return parallel.replicated(mesh)
+
+
+def place(flat: Dict[str, object], mesh) -> Dict[str, jax.Array]:
+    """{path: array} on the device(s): `stack_sharding` on a mesh, the default device without one."""
+    if mesh is None:
+        return jax.device_put(flat)
+    return {p: parallel.put(x, stack_sharding(tuple(np.shape(x)), mesh)) for p, x in flat.items()}
+
+
+def resolve_source(spec: str, mesh=None) -> _Source:
     """An Orbax checkpoint dir (latest step), a step dir `DIR/<step>`, or a model for
     `jaxrl_sparse.models.load_params` (HF folder, hub id, GGUF file)."""
     path = spec.rstrip("/")
     if os.path.isdir(path) and checkpoint.all_steps(path):
         step = checkpoint.latest_step(path)
-        return _Source(f"{path} (step {step})", path, step)
+        return _Source(f"{path} (step {step})", path, step, mesh=mesh)
     parent, name = os.path.split(os.path.abspath(path))
     if os.path.isdir(path) and name.isdigit() and int(name) in checkpoint.all_steps(parent):
-        return _Source(f"{parent} (step {name})", parent, int(name))
+        return _Source(f"{parent} (step {name})", parent, int(name), mesh=mesh)
     try:
         from jaxrl_sparse.models import load_params  # lazily: a heavy, optional dependency here
     except ImportError as e:
@@ -111,7 +139,7 @@ def resolve_source(spec: str) -> _Source:
                         "dir") from e
     loaded = load_params(spec)
     params = loaded[0] if isinstance(loaded, tuple) else loaded  # (params, config) or params
-    return _Source(spec, params=params)
+    return _Source(spec, params=params, mesh=mesh)
 
 
 # ---------------------------------------------------------------------------- the analysis
@@ -119,9 +147,9 @@ def resolve_source(spec: str) -> _Source:
 
 def _final_stats(w0, wf, shapes, views, rank_method: Optional[str] = None):
     """(final counts per view [V] int64, csv rows of ranks + densities at the smallest tau)."""
-    fc = jax.device_get(deltas.step_counts(w0, wf, wf, views))
+    fc = parallel.to_host(deltas.step_counts(w0, wf, wf, views))
     tau0 = views[0].tau if views[0].kind == "tau" else 0.0
-    spec, _ = jax.device_get(ranks.tree_delta_stats(w0, wf, np.float32(tau0), np.float32(3.0),
+    spec, _ = parallel.to_host(ranks.tree_delta_stats(w0, wf, np.float32(tau0), np.float32(3.0),
                                                     rank_method))
     rows = []
     for path in w0:
@@ -140,12 +168,12 @@ def _final_stats(w0, wf, shapes, views, rank_method: Optional[str] = None):
 
 def _overlap(w0, wf, other: _Source, paths, views, n_total):
     steps = checkpoint.all_steps(other.ckpt_dir)
-    ob, of = _Source(f"{other.ckpt_dir} (step {steps[0]})", other.ckpt_dir, steps[0]), other
+    ob, of = _Source(f"{other.ckpt_dir} (step {steps[0]})", other.ckpt_dir, steps[0], mesh=other.mesh), other
     w0b = ob.load(paths)
     deltas.check_same_layout(w0, w0b, "this run", other.label)
     wfb = of.load(paths)
     oc, same = deltas.overlap_counts(w0, wf, w0b, wfb, views)
-    same_base = bool(all(jax.device_get(same).values()))
+    same_base = bool(all(parallel.to_host(same).values()))
     s1 = deltas.totals({k: v[0] for k, v in oc.items()})
     s2 = deltas.totals({k: v[1] for k, v in oc.items()})
     s12 = deltas.totals({k: v[2] for k, v in oc.items()})
@@ -161,9 +189,11 @@ def _overlap(w0, wf, other: _Source, paths, views, n_total):
 
 
 def analyze(cfg: AnalyzeConfig) -> dict:
-    """Runs the analysis, writes the files into `default_out(cfg)`, returns the summary dict."""
+    """Runs the analysis, writes the files into `default_out(cfg)` (process 0), returns the summary dict."""
     views = deltas.make_views(cfg.taus)
     rank_method = ranks.check_method(cfg.rank_method)   # before any checkpoint is read
+    mesh = None if cfg.mesh is None else parallel.make_mesh(cfg.mesh)
+    main = parallel.is_main_process()
     out_dir = default_out(cfg)
     missing: Dict[int, str] = {}
     if cfg.ckpt_dir:
@@ -175,11 +205,11 @@ def analyze(cfg: AnalyzeConfig) -> dict:
         for s in requested:
             if s not in available:
                 missing[s] = "no such checkpoint"
-        base = resolve_source(cfg.base) if cfg.base else _Source(
-            f"{cfg.ckpt_dir} (step {available[0]})", cfg.ckpt_dir, available[0])
+        base = resolve_source(cfg.base, mesh) if cfg.base else _Source(
+            f"{cfg.ckpt_dir} (step {available[0]})", cfg.ckpt_dir, available[0], mesh=mesh)
         final, wf = None, None
         for s in reversed([s for s in requested if s not in missing]):   # final first
-            src = _Source(f"{cfg.ckpt_dir} (step {s})", cfg.ckpt_dir, s)
+            src = _Source(f"{cfg.ckpt_dir} (step {s})", cfg.ckpt_dir, s, mesh=mesh)
             try:
                 shapes = src.shapes()
             except UserError as e:
@@ -197,7 +227,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
     else:
         if not (cfg.base and cfg.final):
             raise UserError("pass --ckpt_dir=DIR (a run's checkpoints), or --base=A and --final=B")
-        base, final = resolve_source(cfg.base), resolve_source(cfg.final)
+        base, final = resolve_source(cfg.base, mesh), resolve_source(cfg.final, mesh)
         shapes = final.shapes()
         paths = final.tracked_paths(cfg.include)
         wf, requested = final.load(paths), []
@@ -209,7 +239,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
 
     active = {v.name: [None] * len(requested) for v in views}
     inter = {v.name: [None] * len(requested) for v in views}
-    bar = tqdm(requested, desc="checkpoints", unit="step", disable=not cfg.progress)
+    bar = tqdm(requested, desc="checkpoints", unit="step", disable=not (cfg.progress and main))
     for j, s in enumerate(bar):
         if s in missing:
             continue
@@ -218,7 +248,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
         else:
             try:
                 wt = w0 if (not cfg.base and s == base.step) else _Source(
-                    f"{cfg.ckpt_dir} (step {s})", cfg.ckpt_dir, s).load(paths)
+                    f"{cfg.ckpt_dir} (step {s})", cfg.ckpt_dir, s, mesh=mesh).load(paths)
             except UserError as e:
                 missing[s] = str(e)
                 continue
@@ -247,16 +277,19 @@ def analyze(cfg: AnalyzeConfig) -> dict:
             "coverage_pct": [None if x is None or size == 0 else 100.0 * x / size
                              for x in inter[v.name]]}
     if cfg.compare_dir:
-        other = resolve_source(cfg.compare_dir)
+        other = resolve_source(cfg.compare_dir, mesh)
         if other.ckpt_dir is None:
             raise UserError("--compare_dir must be an Orbax checkpoint dir of another run")
         summary["overlap"] = _overlap(w0, wf, other, paths, views, n_total)
-    os.makedirs(out_dir, exist_ok=True)
-    files = []
-    if cfg.mask_out:
+    if cfg.mask_out:   # computed by every process (gathering sharded arrays is a collective)
         tau = cfg.mask_tau if cfg.mask_tau is not None else min(cfg.taus)
         m = mask_lib.update_mask(tree_lib.unflatten(dict(w0)), tree_lib.unflatten(dict(wf)), tau=tau,
                                  include=cfg.include, untracked=cfg.mask_untracked, shapes=shapes)
+    if not main:
+        return summary
+    os.makedirs(out_dir, exist_ok=True)
+    files = []
+    if cfg.mask_out:
         meta = {"tau": tau, "include": summary["include"], "base": base.label,
                 "final": final.label, "untracked": cfg.mask_untracked}
         files.append(mask_lib.save_update_mask(cfg.mask_out, m, meta=meta))
