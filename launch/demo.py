@@ -21,6 +21,7 @@ def main(argv):
     from jaxrl_sparse.rl.ppo import PPOConfig, train
     cfg = PPOConfig(model="smollm2-135m-instruct", reward_model="vader", data="generated",
                     n_prompts=256, query_len=12, output_min_length=12, output_max_length=20,
+                    top_k=0, top_p=1.0,  # full-distribution sampling, as the offline preset (BUILD_NOTES)
                     batch_size=FLAGS.batch_size, mini_batch_size=4, ppo_epochs=2,
                     learning_rate=1e-5, num_updates=FLAGS.num_updates, save_ckpt_every=4,
                     rank_log_every=4, tau=1e-6, workdir=FLAGS.workdir)

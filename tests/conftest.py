@@ -42,3 +42,16 @@ def tiny_lm_dir(tmp_path_factory, smollm2_tokenizer):
     path = tmp_path_factory.mktemp("tiny_lm") / "tiny-llama"
     export_hf(str(path), cfg, params, tok)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_gguf():
+    """transformers' fp32 model read from the packaged SmolLM2 GGUF (the parity reference), loaded
+    once per session: transformers dequantizes GGUF tensors in Python (tens of seconds)."""
+    import torch
+    import transformers as tf
+    from jaxrl_sparse.models.hub import resolve
+    kind, path = resolve("smollm2-135m-instruct")
+    assert kind == "gguf"
+    folder, name = os.path.split(path)
+    return tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()

