@@ -87,8 +87,9 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
         else:
             pfn = es.PerturbFn(sigma, perturb.leaf_paths(state, ""), cdt)
             fmesh = msh if n_train % parallel.batch_size_multiple(msh) == 0 else False
-            g = results.setdefault("wp_group", wp_group or es.auto_fullrank_group(state, cfg, tokens, fmesh, gkw,
-                                                                                  pop, cdt))
+            if "wp_group" not in results:   # decided once (the first, compiling iteration)
+                results["wp_group"] = wp_group or es.auto_fullrank_group(state, cfg, tokens, fmesh, gkw, pop, cdt)
+            g = results["wp_group"]
             gt, gm = es.fullrank_generate(state, cfg, tokens, mask, mkeys, kg, gkw, pfn, mesh=fmesh, group=g)
         t1 = time.perf_counter()
         r = _rewards_proxy(gt, gm, pop)

@@ -190,9 +190,9 @@ class CastFn(_Static):
 
 
 class PerturbFn(_Static):
-    """params_fn for full-rank WP: bundle {'model', 'key'[, 'sign']} -> theta + sign sigma eps(key), cast.
+    """params_fn for full-rank WP: bundle {'model', 'key', 'sign'} -> theta + sign sigma eps(key), cast.
 
-    sign (a float32 scalar, default +1): -1 for the negative member of an antithetic pair."""
+    sign (a float32 scalar): +1, or -1 for the negative member of an antithetic pair."""
     _fields = ("sigma", "paths", "dtype")
 
     def __init__(self, sigma: float, paths, dtype):
@@ -200,8 +200,7 @@ class PerturbFn(_Static):
 
     def __call__(self, bundle):
         key = jax.random.wrap_key_data(bundle["key"])
-        sigma = self.sigma * bundle["sign"] if "sign" in bundle else self.sigma
-        return perturb.perturbed_params(bundle["model"], key, sigma, self.paths, self.dtype)
+        return perturb.perturbed_params(bundle["model"], key, self.sigma * bundle["sign"], self.paths, self.dtype)
 
 
 class LowRankFn(_Static):
@@ -296,28 +295,19 @@ def fullrank_generate(params, mcfg, tokens, mask, mkeys, key, gkw, pfn: PerturbF
             toks.append(t)
             masks.append(m)
         return np.concatenate(toks), np.concatenate(masks)
-    spec, msh, args = _sampler_inputs(params, mcfg, tokens, mask, key, mesh, **gkw)
+    from jaxrl_sparse.generate import prepare   # generate's own host-side preparation (no noise here)
+    spec, msh, (p_, t_, m_, k_, _, stops) = prepare(params, mcfg, tokens, mask, key, mesh=mesh, **gkw)
     fn = _grouped_sampler(mcfg, spec, pfn, msh)
     rep = None if msh is None else jax.sharding.NamedSharding(msh, jax.sharding.PartitionSpec())
     for s in range(0, N, group):
         g_keys, g_signs = kd[s:s + group], sg[s:s + group]
         if rep is not None:
             g_keys, g_signs = parallel.put(g_keys, rep), parallel.put(g_signs, rep)
-        out = fn(args[0], g_keys, g_signs, *args[1:])             # tokens, mask [G, M, T]
+        out = fn(p_, g_keys, g_signs, t_, m_, k_, stops)          # tokens, mask [G, M, T]
         t, m = parallel.to_host((out.tokens, out.mask))
         toks.append(t.reshape(-1, t.shape[-1]))
         masks.append(m.reshape(-1, m.shape[-1]))
     return np.concatenate(toks), np.concatenate(masks)
-
-
-def _sampler_inputs(params, mcfg, tokens, mask, key, mesh, **gkw):
-    """`generate.prepare` for the grouped program (no noise): the same defaults as one `generate`
-    call. Returns (SamplerSpec, mesh or None, (params, tokens [M, Pb], mask [M, Pb], key, stops))."""
-    from jaxrl_sparse.generate import prepare
-    if mesh is not None and mesh is not False:
-        parallel.check_batch(np.shape(tokens)[0], mesh, "full-rank WP rows (n_train)")
-    spec, msh, (params, tokens, mask, key, _, stops) = prepare(params, mcfg, tokens, mask, key, mesh=mesh, **gkw)
-    return spec, msh, (params, tokens, mask, key, stops)
 
 
 @functools.lru_cache(maxsize=16)
