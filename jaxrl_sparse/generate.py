@@ -62,6 +62,8 @@ class SamplerSpec:
     steps_per_sync: int = 1  # decode steps per while-loop iteration (the loop test syncs with the host)
     layer_loop: bool = False  # decode with one cache buffer per layer, layers unrolled (see split_cache)
     capture_layer: int = -1  # >= 0: also return the residual stream entering this block (GenerateOutput.hidden)
+    prompt_copies: int = 1   # > 1: rows are this many copies (np.tile) of the first B / prompt_copies rows ...
+    shared_layers: int = 0   # ... and blocks [0, shared_layers) are row-independent: prefilled once per prompt
     min_new_tokens: int = dataclasses.field(default=0, compare=False)
 
     def validate(self) -> "SamplerSpec":
@@ -77,6 +79,8 @@ class SamplerSpec:
             raise UserError(f"steps_per_sync={self.steps_per_sync} must be >= 1")
         if self.layer_unroll < 1:
             raise UserError(f"layer_unroll={self.layer_unroll} must be >= 1")
+        if self.prompt_copies < 1 or self.shared_layers < 0:
+            raise UserError(f"prompt_copies={self.prompt_copies} must be >= 1 and shared_layers={self.shared_layers} >= 0")
         if self.capture_layer < -1:
             raise UserError(f"capture_layer={self.capture_layer} must be >= 0 (-1 = off)")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -134,7 +138,7 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
         kv = P(None, rows)
         cache = dict(cache, k=shard(cache["k"], kv), v=shard(cache["v"], kv),
                      mask=shard(cache["mask"], P(rows)))
-        out = forward(params, cfg, tokens, mask, cache=cache, noise=noise, logits_last=1, capture_layer=cap)
+        out = _prefill(params, cfg, spec, tokens, mask, cache, noise, cap, shard, rows)
         row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B, dtype=jnp.uint32))
         pos0 = jnp.sum(mask, axis=1, dtype=jnp.int32)  # position of the first new token
 
@@ -197,6 +201,36 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
     return run
 
 
+def _prefill(params, cfg: ModelConfig, spec: SamplerSpec, tokens, mask, cache, noise, cap, shard, rows):
+    """The prompt's forward (logits of the last slot, filled cache, captured stream).
+
+    With spec.prompt_copies = C > 1 and spec.shared_layers = j > 0 (the caller promises that rows are
+    C `np.tile` copies of the first U = B / C rows and that blocks < j do not depend on the row,
+    e.g. ES node perturbation of the last blocks only): blocks [0, j) run once on the U distinct
+    prompts (replicated on every device), their cache and output stream are tiled to the B rows,
+    and only blocks [j, L) run on all rows. Same values as the plain prefill up to the float
+    rounding of a different batch size.
+    """
+    C, j = spec.prompt_copies, spec.shared_layers
+    if C == 1 or j == 0:
+        return forward(params, cfg, tokens, mask, cache=cache, noise=noise, logits_last=1, capture_layer=cap)
+    B = tokens.shape[0]
+    U = B // C
+    lt = cfg.layer_types[:j] if cfg.layer_types else cfg.layer_types
+    pcfg = cfg.replace(num_layers=j, layer_types=lt)
+    players = jax.tree_util.tree_map(lambda w: w[:j], params["layers"])
+    ut, um = shard(tokens[:U], P()), shard(mask[:U], P())
+    pcache = init_cache(pcfg, U, cache["k"].shape[2], dtype=cache["k"].dtype)
+    pre = forward(dict(params, layers=players), pcfg, ut, um, cache=pcache, compute_logits=False, capture_layer=j)
+    tile = lambda x, axis: jnp.concatenate([x] * C, axis=axis)
+    hidden = shard(tile(pre.captured, 0), P(rows))
+    kv = P(None, rows)
+    k = jax.lax.dynamic_update_slice_in_dim(cache["k"], shard(tile(pre.cache["k"], 1), kv), 0, axis=0)
+    v = jax.lax.dynamic_update_slice_in_dim(cache["v"], shard(tile(pre.cache["v"], 1), kv), 0, axis=0)
+    return forward(params, cfg, tokens, mask, cache=dict(cache, k=k, v=v), noise=noise, logits_last=1,
+                   capture_layer=cap, start_layer=j, start_hidden=hidden)
+
+
 @functools.lru_cache(maxsize=64)
 def compiled_sampler(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable] = None,
                      mesh: Optional[Mesh] = None):
@@ -234,7 +268,8 @@ def _place(params, tokens, mask, noise, mesh: Mesh):
     params = jax.tree_util.tree_map(put_param, params)
     tokens, mask = parallel.put(tokens, row), parallel.put(mask, row)
     if noise is not None:
-        noise = ActNoise(parallel.put(noise.keys, row), *(parallel.put(s, rep) for s in noise[1:]))
+        noise = noise.replace(keys=parallel.put(noise.keys, row), attn_scale=parallel.put(noise.attn_scale, rep),
+                              mlp_scale=parallel.put(noise.mlp_scale, rep), head_scale=parallel.put(noise.head_scale, rep))
     return params, tokens, mask, noise
 
 
@@ -253,13 +288,43 @@ def check_prompts(prompt_mask: np.ndarray, cfg: ModelConfig, max_new_tokens: int
                         f"{cfg.max_position_embeddings} positions; shorten the prompt or max_new_tokens")
 
 
+def prompt_copies(prompt_tokens, prompt_mask) -> int:
+    """Largest C such that the rows are C `np.tile` copies of the first B / C rows (1: none)."""
+    t, m = np.asarray(prompt_tokens), np.asarray(prompt_mask).astype(bool)
+    B = t.shape[0]
+    for u in range(1, B):
+        if B % u or not np.array_equal(t[u], t[0]):
+            continue
+        if np.array_equal(t[u:], t[:-u]) and np.array_equal(m[u:], m[:-u]):
+            return B // u
+    return 1
+
+
+def _share_prefill(spec: SamplerSpec, cfg: ModelConfig, prompt_tokens, prompt_mask, noise, mesh,
+                   shared_layers: int) -> SamplerSpec:
+    """spec with prompt_copies / shared_layers set when a shared prefill saves work (see `_prefill`):
+    the prompts repeat, fewer distinct prompts than rows per device, and blocks [0, j) carry no
+    noise (j is lowered to the first noisy block when the noise's active sites are known)."""
+    j = min(int(shared_layers), cfg.num_layers - 1)
+    if noise is not None:
+        first = noise.first_noisy_layer(cfg.num_layers)
+        j = 0 if first is None else min(j, first)
+    if j <= 0:
+        return spec
+    c = prompt_copies(prompt_tokens, prompt_mask)
+    shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in _row_axes(mesh)]))
+    if c <= shards:  # each device would prefill at least as many distinct prompts as its own rows
+        return spec
+    return dataclasses.replace(spec, prompt_copies=c, shared_layers=j)
+
+
 def prepare(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_new_tokens: int,
             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
             min_new_tokens: int = 0, eos_token_id: Union[int, Sequence[int], None] = None,
             pad_token_id: Optional[int] = None, fixed_length: bool = False,
             noise: Optional[ActNoise] = None, mesh: Union[Mesh, None, bool] = None, bucket: bool = True,
             layer_unroll: Optional[int] = None, steps_per_sync: int = 1,
-            layer_loop: Optional[bool] = None, capture_layer: int = -1):
+            layer_loop: Optional[bool] = None, capture_layer: int = -1, prefill_shared_layers: int = 0):
     """`generate`'s host-side preparation (settings as in `generate`): validated SamplerSpec, the
     defaults (pad id, layer loop), prompt bucketing, mesh choice and placement, key, stop inputs.
 
@@ -298,6 +363,8 @@ def prepare(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_ne
         n = int(np.prod([mesh.shape[a] for a in _row_axes(mesh)]))
         if B % n:
             raise UserError(f"batch {B} is not divisible by the mesh's data axes ({n} devices)")
+    spec = _share_prefill(spec, cfg, prompt_tokens, prompt_mask, noise, mesh, prefill_shared_layers)
+    if mesh is not None:
         params, tokens, mask, noise = _place(params, tokens, mask, noise, mesh)
     if not isinstance(key, jax.Array) or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
@@ -314,7 +381,8 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
              noise: Optional[ActNoise] = None, params_fn: Optional[Callable[[Any], Any]] = None,
              mesh: Union[Mesh, None, bool] = None, bucket: bool = True,
              layer_unroll: Optional[int] = None, steps_per_sync: int = 1,
-             layer_loop: Optional[bool] = None, capture_layer: int = -1) -> GenerateOutput:
+             layer_loop: Optional[bool] = None, capture_layer: int = -1,
+             prefill_shared_layers: int = 0) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after left-padded prompts [B, P].
 
     key: a PRNG key (typed or raw uint32[2]). eos_token_id: int or list (default cfg's; none = no
@@ -335,13 +403,18 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
     fed response token, aligned with `concat([prompt_tokens, out.tokens], 1)`: a replay of blocks
     j..L-1 can start from it (`forward(..., start_layer=j, start_hidden=...)`). Costs B (P + N) D
     values of memory; -1 (default) = off, the program is unchanged.
+    prefill_shared_layers: j > 0 promises that blocks [0, j) compute the same thing for equal prompts
+    (no row-dependent perturbation there: ES node perturbation of the last blocks; never with a
+    row-dependent params interceptor such as low-rank WP). When the rows are `np.tile` copies of
+    fewer distinct prompts (an ES population), those blocks are prefilled once per distinct prompt
+    and the result tiled (`_prefill`); j is lowered to the noise's first perturbed block.
     """
     spec, mesh, (params, tokens, mask, key, noise, stops) = prepare(
         params, cfg, prompt_tokens, prompt_mask, key, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, greedy=greedy, min_new_tokens=min_new_tokens, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, fixed_length=fixed_length, noise=noise, mesh=mesh, bucket=bucket,
         layer_unroll=layer_unroll, steps_per_sync=steps_per_sync, layer_loop=layer_loop,
-        capture_layer=capture_layer)
+        capture_layer=capture_layer, prefill_shared_layers=prefill_shared_layers)
     P0, Pb = np.shape(prompt_tokens)[1], tokens.shape[1]
     fn = compiled_sampler(cfg, spec, params_fn, mesh)
     out = fn(params, tokens, mask, key, noise, stops)

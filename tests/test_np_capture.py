@@ -265,3 +265,56 @@ def tree_flat(params):
 def tree_diff(a, b):
     fa, fb = tree_flat(a), tree_flat(b)
     return {p for p in fa if not np.array_equal(np.asarray(fa[p]), np.asarray(fb[p]))}
+
+
+def test_inactive_noise_sites_are_not_drawn(models):
+    """ActNoise built from concrete scales knows its nonzero sites (static aux data): the per-layer
+    decode draws noise only there, with the same output as drawing it everywhere times 0."""
+    cfg, params = models["llama"]
+    toks, mask = _prompts(cfg)
+    B = len(toks)
+    noise = _noise(cfg, B, last_k=1, sites=("mlp",))
+    assert noise.active == frozenset({("mlp", L - 1)}) and noise.first_noisy_layer(L) == L - 1
+    unknown = noise.replace(active=None)
+    assert unknown.first_noisy_layer(L) is None
+    cache = split_cache(init_cache(cfg, B, P))
+
+    def run(n):
+        return forward(params, cfg, jnp.asarray(toks), jnp.asarray(mask), cache=cache, noise=n).logits
+
+    draws = lambda n: str(jax.make_jaxpr(run)(n)).count("random_bits")
+    assert 0 < draws(noise) < draws(unknown)
+    np.testing.assert_array_equal(np.asarray(jax.jit(run)(noise)), np.asarray(jax.jit(run)(unknown)))
+    # inside jit the scales are traced: unknown, noise everywhere (the replay's case)
+    assert jax.jit(lambda a: ActNoise(noise.keys, a, a, a[0]).active is None and a)(noise.mlp_scale) is not None
+
+
+def test_shared_prefill_equals_per_row_prefill(models):
+    """A population of tiled prompts with noise in the last block only: blocks before it are
+    prefilled once per distinct prompt (prompt_copies = 3) and tiled; tokens, log-probs and the
+    captured stream equal the per-row prefill. (The prefill runs before the decode loop's layer
+    split, so one decode path is enough.)"""
+    layer_loop = True
+    from jaxrl_sparse import generate as gen_mod
+    cfg, params = models["gemma2"]   # sliding layers: the prefix model keeps its layer types
+    toks, mask = _prompts(cfg)
+    C = 3
+    t, m = np.tile(toks, (C, 1)), np.tile(mask, (C, 1))
+    assert gen_mod.prompt_copies(t, m) == C and gen_mod.prompt_copies(toks, mask) == 1
+    noise = _noise(cfg, len(t), last_k=1)
+    kw = dict(max_new_tokens=NEW, greedy=True, fixed_length=True, capture_layer=L - 1, layer_loop=layer_loop,
+              noise=noise)
+    spec, _, _ = gen_mod.prepare(params, cfg, t, m, jax.random.key(3), prefill_shared_layers=L, **kw)
+    assert (spec.prompt_copies, spec.shared_layers) == (C, L - 1)   # lowered to the first noisy block
+    shared = generate(params, cfg, t, m, jax.random.key(3), prefill_shared_layers=L, **kw)
+    plain = generate(params, cfg, t, m, jax.random.key(3), **kw)
+    np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(plain.tokens))
+    np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(plain.logprobs), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(shared.hidden), np.asarray(plain.hidden), rtol=1e-5, atol=1e-5)
+    # the members' noise differs, so their continuations do (the test can see a wrong tiling)
+    rows = np.asarray(plain.tokens).reshape(C, len(toks), -1)
+    assert not np.array_equal(rows[0], rows[1])
+    # noise in every block: nothing to share
+    spec, _, _ = gen_mod.prepare(params, cfg, t, m, jax.random.key(3), prefill_shared_layers=L,
+                                 **dict(kw, noise=_noise(cfg, len(t), last_k=L)))
+    assert spec.shared_layers == 0 and spec.prompt_copies == 1

@@ -10,7 +10,9 @@ bound work as few long ones. Compile time is host work and does not appear on de
     python -m launch.bench profile ppo --settings=seed --repeats=1
 
 `--profile_dir=DIR` keeps the raw trace (open it with xprof / TensorBoard's profile plugin);
-`--profile_top=N` rows per line; `--profile_out=F.json` writes the tables as JSON.
+`--profile_top=N` rows per line; `--profile_out=F.json` writes the tables as JSON;
+`--profile_warmup` runs the benchmark once untraced first, so compilation and XLA's gemm
+autotuning (which run kernels on the device) stay out of the tables.
 """
 from __future__ import annotations
 
@@ -72,11 +74,13 @@ def print_tables(tables: Dict[str, Dict[str, Any]], top: int = 25) -> None:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
     argv = list(argv or [])
-    opts = {"--profile_dir": None, "--profile_top": "25", "--profile_out": None}
+    opts = {"--profile_dir": None, "--profile_top": "25", "--profile_out": None, "--profile_warmup": None}
     rest = []
     for a in argv:
         k, _, v = a.partition("=")
-        if k in opts:
+        if k == "--profile_warmup":
+            opts[k] = v or "1"
+        elif k in opts:
             opts[k] = v
         else:
             rest.append(a)
@@ -86,6 +90,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
     import jax
     from jaxrl_sparse.bench import dispatch
     trace_dir = opts["--profile_dir"] or tempfile.mkdtemp(prefix="jaxrl_profile_")
+    if opts["--profile_warmup"] not in (None, "0", "false"):
+        t = time.perf_counter()
+        dispatch(rest)   # compiles and autotunes outside the trace
+        print(f"\nwarm-up run of `{' '.join(rest)}` took {time.perf_counter() - t:.1f} s (not traced)")
     t = time.perf_counter()
     with jax.profiler.trace(trace_dir):
         dispatch(rest)

@@ -27,23 +27,69 @@ from typing import Any, Dict, NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrl_sparse.models.config import ModelConfig
 
 NOISE_SITES = {"attn": 0, "mlp": 1, "head": 2}
 
 
-class ActNoise(NamedTuple):
+@jax.tree_util.register_pytree_node_class
+class ActNoise:
     """Node-perturbation noise: output of site s in layer l of row b gets `scale_s[l] * eps`.
 
     keys: [B, 2] uint32 raw PRNG key data, one stream per batch row (population member).
     attn_scale, mlp_scale: [L] float (0 = not perturbed). head_scale: [] float.
     eps = act_noise_value(keys[b], site, layer, position, dim), regenerable for replay.
+
+    active: static frozenset of the (site, layer) pairs with a nonzero scale ('head' uses layer 0),
+    or None = unknown (noise is drawn at every site and multiplied by its scale). It is found from
+    the scales when they are concrete (built outside `jit`, as the ES trainer does), so the layer-
+    by-layer decode skips drawing noise where the scale is 0 (exactly the same output: 0 * eps = 0).
+    It is pytree aux data: part of a jit's cache key, not a traced value.
     """
-    keys: jax.Array
-    attn_scale: jax.Array
-    mlp_scale: jax.Array
-    head_scale: jax.Array
+    __slots__ = ("keys", "attn_scale", "mlp_scale", "head_scale", "active")
+    _AUTO = object()
+
+    def __init__(self, keys, attn_scale, mlp_scale, head_scale, active=_AUTO):
+        self.keys, self.attn_scale, self.mlp_scale, self.head_scale = keys, attn_scale, mlp_scale, head_scale
+        self.active = active_sites(attn_scale, mlp_scale, head_scale) if active is ActNoise._AUTO else active
+
+    def tree_flatten(self):
+        return (self.keys, self.attn_scale, self.mlp_scale, self.head_scale), self.active
+
+    @classmethod
+    def tree_unflatten(cls, active, children):
+        return cls(*children, active=active)
+
+    def replace(self, **kw) -> "ActNoise":
+        d = {k: getattr(self, k) for k in self.__slots__}
+        d.update(kw)
+        return ActNoise(**d)
+
+    def is_active(self, site: str, layer) -> bool:
+        """False only when this (site, layer) is statically known to have scale 0."""
+        if self.active is None or not isinstance(layer, int):
+            return True
+        return (site, layer) in self.active
+
+    def first_noisy_layer(self, num_layers: int) -> Optional[int]:
+        """Lowest block with attn/mlp noise (num_layers when only the head, or nothing, is noisy);
+        None when the active sites are unknown."""
+        if self.active is None:
+            return None
+        return min([l for s, l in self.active if s != "head"], default=num_layers)
+
+
+def active_sites(attn_scale, mlp_scale, head_scale):
+    """frozenset of (site, layer) with a nonzero scale, or None when a scale is traced (inside jit)."""
+    if any(isinstance(x, jax.core.Tracer) for x in (attn_scale, mlp_scale, head_scale)):
+        return None
+    out = {(site, int(l)) for site, sc in (("attn", attn_scale), ("mlp", mlp_scale))
+           for l in np.flatnonzero(np.asarray(sc))}
+    if np.asarray(head_scale).any():
+        out.add(("head", 0))
+    return frozenset(out)
 
 
 def act_noise_value(key_data, site: int, layer, positions, dim: int, dtype=jnp.float32):
@@ -55,8 +101,8 @@ def act_noise_value(key_data, site: int, layer, positions, dim: int, dtype=jnp.f
 
 
 def _add_noise(noise: Optional[ActNoise], site: str, layer, scale, y, positions):
-    """y [B, T, dim] + scale * eps (no-op when noise is None)."""
-    if noise is None:
+    """y [B, T, dim] + scale * eps (no-op when noise is None or the site is statically inactive)."""
+    if noise is None or not noise.is_active(site, layer):
         return y
     eps = jax.vmap(lambda kd, pos: act_noise_value(kd, NOISE_SITES[site], layer, pos, y.shape[-1]))(
         noise.keys, positions)

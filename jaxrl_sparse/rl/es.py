@@ -239,7 +239,8 @@ def np_generate(params, mcfg, tokens, mask, mkeys, scales, key, gkw, params_fn, 
     """NP rollouts: prompts [M, P] tiled over the N members (one batch), one noise stream per row.
 
     capture_layer j >= 0: out.hidden [N*M, P+N_new, D] is the residual stream entering block j
-    (the replay's start, `np_capture_layer`).
+    (the replay's start, `np_capture_layer`). The blocks before the first perturbed one are
+    prefilled once per prompt, not once per member (`generate`'s prefill_shared_layers).
     Returns (GenerateOutput [N*M], row_keys [N*M, 2], tokens [N*M, P], mask [N*M, P]).
     """
     from jaxrl_sparse.generate import generate
@@ -247,7 +248,7 @@ def np_generate(params, mcfg, tokens, mask, mkeys, scales, key, gkw, params_fn, 
     rk = row_noise_keys(mkeys, M)
     t, m = np.tile(tokens, (N, 1)), np.tile(mask, (N, 1))
     out = generate(params, mcfg, t, m, key, noise=ActNoise(rk, *scales), params_fn=params_fn,
-                   mesh=mesh, capture_layer=capture_layer, **gkw)
+                   mesh=mesh, capture_layer=capture_layer, prefill_shared_layers=mcfg.num_layers, **gkw)
     return out, rk, t, m
 
 
