@@ -220,7 +220,7 @@ def _prefill(params, cfg: ModelConfig, spec: SamplerSpec, tokens, mask, cache, n
     pcfg = cfg.replace(num_layers=j, layer_types=lt)
     players = jax.tree_util.tree_map(lambda w: w[:j], params["layers"])
     ut, um = shard(tokens[:U], P()), shard(mask[:U], P())
-    pcache = init_cache(pcfg, U, cache["k"].shape[2], dtype=cache["k"].dtype)
+    pcache = init_cache(pcfg, U, cache["mask"].shape[1], dtype=cache["k"].dtype)
     pre = forward(dict(params, layers=players), pcfg, ut, um, cache=pcache, compute_logits=False, capture_layer=j)
     tile = lambda x, axis: jnp.concatenate([x] * C, axis=axis)
     hidden = shard(tile(pre.captured, 0), P(rows))

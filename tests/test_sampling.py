@@ -127,16 +127,23 @@ def test_sample_tokens_top_k1_is_greedy_and_raw_logprob(logits):
     np.testing.assert_allclose(np.asarray(gslp), 0.0)
 
 
-@pytest.mark.parametrize("case", ["random", "one_chunk_holds_all", "ties"])
+@pytest.mark.parametrize("case", ["random", "one_chunk_holds_all", "ties", "few_values", "tie_across_maxima"])
 def test_chunked_top_k_is_exact(case):
-    """Two-stage top-k equals lax.top_k exactly, also when one slice holds the whole top k, and on ties."""
+    """Top-k through slice maxima equals lax.top_k exactly, also when one slice holds the whole top
+    k, on ties (lower id first), and when most slices share their maximum; V not a multiple of chunk."""
     rng = np.random.default_rng(0)
-    B, V, k, chunk = 3, 5000, 20, 256
+    B, V, k, chunk = 3, 5003, 20, 32
     x = rng.normal(size=(B, V)).astype(np.float32)
     if case == "one_chunk_holds_all":  # row 1's top-k all in one slice
         x[1, 512:512 + 40] = 10.0 + np.arange(40, dtype=np.float32)
     if case == "ties":
         x = np.round(x * 2) / 2  # many equal values: lower id first on ties
+    if case == "few_values":
+        x = np.round(x).clip(-1, 2)  # the k-th value is tied across many slices
+    if case == "tie_across_maxima":  # the k-th value (1) sits in a late slice with a larger max and in early ones
+        x = np.full((B, V), -5.0, np.float32)
+        x[:, 4000:4002] = [3.0, 1.0]
+        x[:, 10:2000:50] = 1.0
     vals, ids = sampling.top_k_values(jnp.asarray(x), k, chunk)
     ref_v, ref_i = jax.lax.top_k(jnp.asarray(x), k)
     np.testing.assert_array_equal(np.asarray(vals), np.asarray(ref_v))

@@ -165,25 +165,30 @@ ATTENTION_IMPL = os.environ.get("JAXRL_ATTENTION", "xla")
 
 
 def attention(cfg: ModelConfig, q, keys, vals, mask):
-    """Grouped-query attention: q [B, T, H, hd], keys/vals [B, S, K, hd], mask [B, T, S] -> [B, T, H, hd].
+    """Grouped-query attention: q [B, T, H, hd], keys/vals [B, K, S, hd], mask [B, T, S] -> [B, T, H, hd].
+
+    keys/vals come head-major, as the KV cache stores them: the batched q·kᵀ and p·v gemms (batch
+    dims b, k) then read the cache as it lies, where a slot-major cache [B, S, K, hd] made XLA
+    transpose every layer's whole cache at every decode step.
 
     softmax(q·kᵀ · attn_scale [softcapped], masked) · v with fp32 scores. 'cudnn' (JAXRL_ATTENTION=cudnn)
     calls `jax.nn.dot_product_attention(implementation='cudnn')`, one fused kernel, for decode steps
     (T == 1: every query row sees at least one key) of models without an attention softcap.
     """
     B, T, H, hd = q.shape
-    K = keys.shape[2]
+    K = keys.shape[1]
     if ATTENTION_IMPL == "cudnn" and T == 1 and not cfg.attn_logit_softcap:
+        keys, vals = keys.transpose(0, 2, 1, 3), vals.transpose(0, 2, 1, 3)   # cuDNN takes [B, S, K, hd]
         return jax.nn.dot_product_attention(q, keys.astype(q.dtype), vals.astype(q.dtype),
                                             mask=mask[:, None], scale=cfg.attn_scale, implementation="cudnn")
     qg = q.reshape(B, T, K, H // K, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype),
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, keys.astype(q.dtype),
                         preferred_element_type=jnp.float32) * cfg.attn_scale
     if cfg.attn_logit_softcap:
         scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
     scores = jnp.where(mask[:, None, None], scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(vals.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, vals).reshape(B, T, H, hd)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, vals).reshape(B, T, H, hd)
 
 
 class Block(nn.Module):
@@ -207,17 +212,18 @@ class Block(nn.Module):
             sin = jnp.where(is_sliding, ctx["sin_local"], ctx["sin"])
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         idx = ctx["cache_index"]
-        if k_cache.ndim == 4:  # this layer's own cache buffer [B, S, K, hd] (layer-loop decoding)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, idx, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, idx, 0, 0))
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, hd]: the cache's head-major layout
+        if k_cache.ndim == 4:  # this layer's own cache buffer [B, K, S, hd] (layer-loop decoding)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, idx, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, idx, 0))
             keys, vals = k_cache, v_cache
-        else:  # stacked [L, B, S, K, hd] in the scan carry (or [L - j, ...] from block j: cache_layer0)
+        else:  # stacked [L, B, K, S, hd] in the scan carry (or [L - j, ...] from block j: cache_layer0)
             cl = layer - ctx["cache_layer0"] if "cache_layer0" in ctx else layer
             k_cache = jax.lax.dynamic_update_slice(
-                k_cache, k.astype(k_cache.dtype)[None], (cl, 0, idx, 0, 0))
+                k_cache, k.astype(k_cache.dtype)[None], (cl, 0, 0, idx, 0))
             v_cache = jax.lax.dynamic_update_slice(
-                v_cache, v.astype(v_cache.dtype)[None], (cl, 0, idx, 0, 0))
-            keys, vals = k_cache[cl], v_cache[cl]  # [B, S, K, hd]
+                v_cache, v.astype(v_cache.dtype)[None], (cl, 0, 0, idx, 0))
+            keys, vals = k_cache[cl], v_cache[cl]  # [B, K, S, hd]
         mask = jnp.where(is_sliding, ctx["mask_local"], ctx["mask"])  # [B, T, S]
         o = attention(cfg, q, keys, vals, mask).reshape(B, T, H * hd).astype(x.dtype)
         o = attn.out(o)
@@ -330,12 +336,13 @@ class _OneBlock(nn.Module):
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None,
                layers: Optional[int] = None) -> Dict[str, jax.Array]:
-    """Empty KV cache: k, v [L, B, S, K, hd]; mask [B, S] (slot holds a real token); index [].
+    """Empty KV cache: k, v [L, B, K, S, hd] (head-major, see `attention`); mask [B, S] (slot holds a
+    real token); index [].
 
     layers: cache only the last `layers` blocks (a forward that starts at block L - layers).
     """
     dtype = dtype or _dt(cfg.dtype)
-    shape = (cfg.num_layers if layers is None else layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers if layers is None else layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "mask": jnp.zeros((batch, max_len), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
 
@@ -451,7 +458,7 @@ def _finish_logits(cfg: ModelConfig, logits, noise: Optional[ActNoise], position
 
 
 def split_cache(cache: Dict[str, Any]) -> Dict[str, Any]:
-    """Stacked cache (k, v [L, B, S, K, hd]) -> one buffer per layer (tuples of [B, S, K, hd]).
+    """Stacked cache (k, v [L, B, K, S, hd]) -> one buffer per layer (tuples of [B, K, S, hd]).
 
     With per-layer buffers, `forward` runs the layers as an unrolled Python loop: each decode step
     updates every buffer in place and attention reads it directly, where a stacked cache makes XLA
