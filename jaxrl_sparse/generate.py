@@ -208,8 +208,10 @@ def _prefill(params, cfg: ModelConfig, spec: SamplerSpec, tokens, mask, cache, n
     C `np.tile` copies of the first U = B / C rows and that blocks < j do not depend on the row,
     e.g. ES node perturbation of the last blocks only): blocks [0, j) run once on the U distinct
     prompts (replicated on every device), their cache and output stream are tiled to the B rows,
-    and only blocks [j, L) run on all rows. Same values as the plain prefill up to the float
-    rounding of a different batch size.
+    and only blocks [j, L) run on all rows. Same values as the plain prefill in float32 (tested);
+    in bf16 equal up to rounding (the plain scan adds the zero-scale noise through a float32 round
+    trip that the shared blocks skip): on an H100 with random qwen2.5-1.5b weights 94% of first
+    greedy tokens agree, as close as the two paths are to each other's rounding.
     """
     C, j = spec.prompt_copies, spec.shared_layers
     if C == 1 or j == 0:
