@@ -44,14 +44,16 @@ def tiny_lm_dir(tmp_path_factory, smollm2_tokenizer):
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def smollm2_hf_gguf():
-    """transformers' fp32 model read from the packaged SmolLM2 GGUF (the parity reference), loaded
-    once per session: transformers dequantizes GGUF tensors in Python (tens of seconds)."""
-    import torch
-    import transformers as tf
-    from jaxrl_sparse.models.hub import resolve
-    kind, path = resolve("smollm2-135m-instruct")
-    assert kind == "gguf"
-    folder, name = os.path.split(path)
-    return tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+# `make test` runs `pytest -n 2 --dist loadfile --no-loadscope-reorder` (pytest-xdist): a file is one
+# unit of work (its module fixtures run once), handed out in collection order. Files are collected
+# slowest first (measured on the 2-core CI CPU) so that both workers stay busy to the end; unlisted
+# files follow in their usual order. (xdist's `loadgroup` does not group on pytest 9.2: xdist #1386.)
+SLOW_FILES_FIRST = ("test_parallel.py", "test_ppo.py", "test_np_capture.py", "test_es.py", "test_generate.py",
+                    "test_smollm2.py", "test_es_multidevice.py", "test_grpo.py", "test_models_parity.py",
+                    "test_analysis.py", "test_score.py", "test_lora.py", "test_score_analyze_mesh.py",
+                    "test_ranks_methods.py", "test_classifier.py", "test_hub.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda it: rank.get(it.path.name, len(rank)))   # stable: a file keeps its order

