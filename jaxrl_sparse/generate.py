@@ -248,6 +248,11 @@ def _row_axes(mesh: Optional[Mesh]) -> Tuple[str, ...]:
     return tuple(a for a in parallel.BATCH_AXES if a in mesh.axis_names)
 
 
+def _row_shards(mesh: Optional[Mesh]) -> int:
+    """Devices the batch rows are split over (1 without a mesh)."""
+    return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in _row_axes(mesh)]))
+
+
 def _default_mesh(batch: int) -> Optional[Mesh]:
     n = jax.device_count()
     if n > 1 and batch % n == 0:
@@ -314,8 +319,7 @@ def _share_prefill(spec: SamplerSpec, cfg: ModelConfig, prompt_tokens, prompt_ma
     if j <= 0:
         return spec
     c = prompt_copies(prompt_tokens, prompt_mask)
-    shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in _row_axes(mesh)]))
-    if c <= shards:  # each device would prefill at least as many distinct prompts as its own rows
+    if c <= _row_shards(mesh):  # each device would prefill at least as many distinct prompts as its own rows
         return spec
     return dataclasses.replace(spec, prompt_copies=c, shared_layers=j)
 
@@ -362,7 +366,7 @@ def prepare(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_ne
     elif mesh is False:
         mesh = None
     if mesh is not None:
-        n = int(np.prod([mesh.shape[a] for a in _row_axes(mesh)]))
+        n = _row_shards(mesh)
         if B % n:
             raise UserError(f"batch {B} is not divisible by the mesh's data axes ({n} devices)")
     spec = _share_prefill(spec, cfg, prompt_tokens, prompt_mask, noise, mesh, prefill_shared_layers)

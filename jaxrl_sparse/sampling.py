@@ -80,10 +80,10 @@ def top_k_values(x, k: int, chunk: int = 0):
     step on an H100; XLA's k<=16 GPU top-k kernel as a first stage was slower still.)
     """
     B, V = x.shape
-    C = -(-V // chunk) if chunk > 0 else 0
-    if chunk <= 0 or k * chunk >= V or C <= k:
+    if chunk <= 0 or k * chunk >= V:   # the k slices would cover the whole vocabulary
         vals, ids = jax.lax.top_k(x, k)
         return vals, ids.astype(jnp.int32)
+    C = -(-V // chunk)
     xc = jnp.pad(x, ((0, 0), (0, C * chunk - V)), constant_values=NEG_INF).reshape(B, C, chunk)
     _, sel = jax.lax.top_k(jnp.max(xc, axis=-1), k)                   # [B, k] slices holding the top k
     sel = jnp.sort(sel.astype(jnp.int32), axis=-1)                     # vocabulary order (ties: lower id first)
