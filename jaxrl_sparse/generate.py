@@ -64,6 +64,7 @@ class SamplerSpec:
     capture_layer: int = -1  # >= 0: also return the residual stream entering this block (GenerateOutput.hidden)
     prompt_copies: int = 1   # > 1: rows are this many copies (np.tile) of the first B / prompt_copies rows ...
     shared_layers: int = 0   # ... and blocks [0, shared_layers) are row-independent: prefilled once per prompt
+    prefill_noise: bool = True  # False: the prompt's forward runs without the activation noise (decode steps only)
     min_new_tokens: int = dataclasses.field(default=0, compare=False)
 
     def validate(self) -> "SamplerSpec":
@@ -214,6 +215,8 @@ def _prefill(params, cfg: ModelConfig, spec: SamplerSpec, tokens, mask, cache, n
     greedy tokens agree (random weights make near-ties common).
     """
     C, j = spec.prompt_copies, spec.shared_layers
+    if not spec.prefill_noise:
+        noise = None
     if C == 1 or j == 0:
         return forward(params, cfg, tokens, mask, cache=cache, noise=noise, logits_last=1, capture_layer=cap)
     B = tokens.shape[0]
@@ -276,7 +279,8 @@ def _place(params, tokens, mask, noise, mesh: Mesh):
     tokens, mask = parallel.put(tokens, row), parallel.put(mask, row)
     if noise is not None:
         noise = noise.replace(keys=parallel.put(noise.keys, row), attn_scale=parallel.put(noise.attn_scale, rep),
-                              mlp_scale=parallel.put(noise.mlp_scale, rep), head_scale=parallel.put(noise.head_scale, rep))
+                              mlp_scale=parallel.put(noise.mlp_scale, rep), head_scale=parallel.put(noise.head_scale, rep),
+                              start=None if noise.start is None else parallel.put(noise.start, row))
     return params, tokens, mask, noise
 
 
@@ -311,11 +315,14 @@ def _share_prefill(spec: SamplerSpec, cfg: ModelConfig, prompt_tokens, prompt_ma
                    shared_layers: int) -> SamplerSpec:
     """spec with prompt_copies / shared_layers set when a shared prefill saves work (see `_prefill`):
     the prompts repeat, fewer distinct prompts than rows per device, and blocks [0, j) carry no
-    noise (j is lowered to the first noisy block when the noise's active sites are known)."""
+    noise (j is lowered to the first noisy block when the noise's active sites are known and the
+    prompt runs with noise)."""
     j = min(int(shared_layers), cfg.num_layers - 1)
-    if noise is not None:
+    if noise is not None and spec.prefill_noise:
         first = noise.first_noisy_layer(cfg.num_layers)
         j = 0 if first is None else min(j, first)
+    if spec.capture_layer >= 0:   # the captured stream comes from the per-row blocks
+        j = min(j, spec.capture_layer)
     if j <= 0:
         return spec
     c = prompt_copies(prompt_tokens, prompt_mask)
@@ -330,7 +337,8 @@ def prepare(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_ne
             pad_token_id: Optional[int] = None, fixed_length: bool = False,
             noise: Optional[ActNoise] = None, mesh: Union[Mesh, None, bool] = None, bucket: bool = True,
             layer_unroll: Optional[int] = None, steps_per_sync: int = 1,
-            layer_loop: Optional[bool] = None, capture_layer: int = -1, prefill_shared_layers: int = 0):
+            layer_loop: Optional[bool] = None, capture_layer: int = -1, prefill_shared_layers: int = 0,
+            noise_in_prompt: bool = True):
     """`generate`'s host-side preparation (settings as in `generate`): validated SamplerSpec, the
     defaults (pad id, layer loop), prompt bucketing, mesh choice and placement, key, stop inputs.
 
@@ -350,7 +358,8 @@ def prepare(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_ne
         cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0))
     spec = SamplerSpec(int(max_new_tokens), float(temperature), int(top_k), float(top_p), bool(greedy),
                        bool(fixed_length), int(layer_unroll), int(steps_per_sync), bool(layer_loop),
-                       int(capture_layer), min_new_tokens=int(min_new_tokens)).validate()
+                       int(capture_layer), prefill_noise=bool(noise_in_prompt) or noise is None,
+                       min_new_tokens=int(min_new_tokens)).validate()
     if spec.capture_layer >= cfg.num_layers:
         raise UserError(f"capture_layer={capture_layer} must be < the model's {cfg.num_layers} layers")
     check_prompts(prompt_mask, cfg, spec.max_new_tokens)
@@ -388,7 +397,7 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
              mesh: Union[Mesh, None, bool] = None, bucket: bool = True,
              layer_unroll: Optional[int] = None, steps_per_sync: int = 1,
              layer_loop: Optional[bool] = None, capture_layer: int = -1,
-             prefill_shared_layers: int = 0) -> GenerateOutput:
+             prefill_shared_layers: int = 0, noise_in_prompt: bool = True) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after left-padded prompts [B, P].
 
     key: a PRNG key (typed or raw uint32[2]). eos_token_id: int or list (default cfg's; none = no
@@ -414,13 +423,15 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
     row-dependent params interceptor such as low-rank WP). When the rows are `np.tile` copies of
     fewer distinct prompts (an ES population), those blocks are prefilled once per distinct prompt
     and the result tiled (`_prefill`); j is lowered to the noise's first perturbed block.
+    noise_in_prompt: False runs the prompt's forward without `noise` (it then perturbs decode steps
+    only: positions >= the row's prompt length; a replay uses `ActNoise(start=prompt lengths)`).
     """
     spec, mesh, (params, tokens, mask, key, noise, stops) = prepare(
         params, cfg, prompt_tokens, prompt_mask, key, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, greedy=greedy, min_new_tokens=min_new_tokens, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, fixed_length=fixed_length, noise=noise, mesh=mesh, bucket=bucket,
         layer_unroll=layer_unroll, steps_per_sync=steps_per_sync, layer_loop=layer_loop,
-        capture_layer=capture_layer, prefill_shared_layers=prefill_shared_layers)
+        capture_layer=capture_layer, prefill_shared_layers=prefill_shared_layers, noise_in_prompt=noise_in_prompt)
     P0, Pb = np.shape(prompt_tokens)[1], tokens.shape[1]
     fn = compiled_sampler(cfg, spec, params_fn, mesh)
     out = fn(params, tokens, mask, key, noise, stops)

@@ -1,4 +1,4 @@
-"""Benchmark dispatcher: `python -m launch.bench {generate,ppo,es,grpo,analyze,profile} [--flags]`.
+"""Benchmark dispatcher: `python -m launch.bench {generate,ppo,es,grpo,analyze,head,profile} [--flags]`.
 
 The table of benchmarks and the dispatch live in `jaxrl_sparse.bench` (the profiler wraps them).
 """

@@ -60,6 +60,45 @@ def test_iteration_seeds_antithetic_and_zscore():
     assert np.all(np.asarray(es_math.zscore([0.5, 0.5])) == 0)
 
 
+def test_row_advantages_centre_per_prompt():
+    r = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0, 1.0]])   # [N=4, M=3]
+    a = np.asarray(es_math.row_advantages(r))
+    c = np.array([[0.5, 0, 0], [-0.5, 0, 0], [-0.5, 0, 0], [0.5, 0, 0]])   # prompt means 0.5, 0, 1
+    np.testing.assert_allclose(a, c / np.sqrt((c ** 2).mean()), rtol=1e-6)
+    assert not a[:, 1:].any()   # prompts every member answers alike carry no weight
+    assert not np.asarray(es_math.row_advantages(np.ones((3, 2)))).any()
+
+
+@pytest.mark.parametrize("credit", ["member", "row"])
+def test_np_credit_sets_replay_row_weights(tmp_path, monkeypatch, credit):
+    """--np_credit: the replay's per-row weights are alpha/(N sigma) z_n repeated over member n's rows
+    (the seed's), or the per-prompt-centred row rewards (rows of prompts all members answer alike get 0)."""
+    from jaxrl_sparse.rl import es
+    N, M, alpha, sigma = 2, 3, 0.05, 0.5
+    r = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]], np.float32)   # member 0 alone answers prompt 0
+    monkeypatch.setattr(es, "row_rewards", lambda *a, **k: r)
+    seen = []
+    real = es._replay_fn
+
+    def spy(*a, **k):
+        fn = real(*a, **k)
+
+        def wrapped(*args):
+            seen.append(np.asarray(args[5]))
+            return fn(*args)
+        return wrapped
+    monkeypatch.setattr(es, "_replay_fn", spy)
+    cfg = es.ESConfig(method="np", np_include="mlp", np_credit=credit, model_name="tiny-random", mixed_precision="no",
+                      data="generated", n_train=M, n_eval=2, n_iters=1, pop_size=N, sigma=sigma, alpha=alpha,
+                      greedy=False, max_new_tokens=3, max_prompt_len=48, skip_eval=True, export_final=False,
+                      visualization_dir=str(tmp_path))
+    es.train(cfg, progress=False, loaded=es.tiny_random_model(0))
+    z = np.repeat(np.asarray(es_math.zscore(r.mean(1))), M) if credit == "member" else \
+        np.asarray(es_math.row_advantages(r)).reshape(-1)
+    np.testing.assert_allclose(seen[0], z * alpha / (N * sigma), rtol=1e-6)
+    assert (np.count_nonzero(seen[0]) == 2) == (credit == "row")
+
+
 def test_lowrank_update_and_hook_match_explicit_weights(params):
     paths = perturb.lowrank_paths(params, "")
     assert "layers/attn/q_proj/kernel" in paths and "lm_head/kernel" in paths
@@ -116,20 +155,29 @@ def _capture_inputs(params, tokens, mask, noise):
     return store, np.asarray(out.hidden)
 
 
-def test_np_replay_equals_sum_z_eps_xT(params):
+@pytest.mark.parametrize("noise_start", [None, (3, 1, 4, 2)])
+def test_np_replay_equals_sum_z_eps_xT(params, noise_start):
+    """noise_start: noise (and the update) only from each row's given position on, as after a
+    generation with noise_in_prompt=False."""
     include, last_k = "attn,mlp,head", 1
     R, S = 4, 7
     tokens = jax.random.randint(jax.random.key(3), (R, S), 0, 64)
     mask = jnp.ones((R, S), bool).at[0, :2].set(False)           # row 0 left-padded
     contrib = mask.at[:, -1].set(False)
+    pos = np.maximum(np.cumsum(np.asarray(mask), 1) - 1, 0)
+    if noise_start is not None:
+        noise_start = jnp.asarray(noise_start, jnp.int32)
+        contrib = contrib & jnp.asarray(pos >= np.asarray(noise_start)[:, None])
     keys = jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(jax.random.key(4), i))(jnp.arange(R)))
     coef = jnp.array([0.7, -1.1, 0.3, 2.0])
     scales = perturb.np_scales(CFG, include, last_k, 0.05)
-    delta = jax.jit(lambda p, t, m, c, k, w, s: es_math.np_replay_delta(
-        p, CFG, t, m, c, k, w, s, include, last_k, tok_chunk=3, micro_rows=2))(
-        params, tokens, mask, contrib, keys, coef, scales)
-    xs, hidden = _capture_inputs(params, tokens, mask, ActNoise(keys, *scales))
-    pos = np.maximum(np.cumsum(np.asarray(mask), 1) - 1, 0)
+    delta = jax.jit(lambda p, t, m, c, k, w, s, n0: es_math.np_replay_delta(
+        p, CFG, t, m, c, k, w, s, include, last_k, tok_chunk=3, micro_rows=2, noise_start=n0))(
+        params, tokens, mask, contrib, keys, coef, scales, noise_start)
+    xs, hidden = _capture_inputs(params, tokens, mask, ActNoise(keys, *scales, start=noise_start))
+    if noise_start is not None:   # the replayed stream differs from one with noise on every position
+        full, _ = _capture_inputs(params, tokens, mask, ActNoise(keys, *scales))
+        assert not np.allclose(full[("mlp", 1)], xs[("mlp", 1)])
     w = np.asarray(contrib, np.float32) * np.asarray(coef)[:, None]
     expect_paths = set(tree_lib.select(params, perturb.np_param_regex(CFG, include)))
     assert set(delta) == expect_paths

@@ -225,16 +225,16 @@ def test_lowrank_hook_applies_on_the_per_layer_path(models):
 
 def _token_rewards(tok, tokens, mask, golds, n_members):
     """Stand-in reward (the random tiny model never answers right, so z would be 0 and nothing move):
-    the mean generated token id per member."""
+    the mean generated token id of every row, [N, M]."""
     t, m = np.asarray(tokens, np.float32), np.asarray(mask, np.float32)
-    return ((t * m).sum(1) / np.maximum(m.sum(1), 1)).reshape(n_members, -1).mean(1)
+    return ((t * m).sum(1) / np.maximum(m.sum(1), 1)).reshape(n_members, -1)
 
 
 @pytest.mark.slow   # two ES runs: ~25 s on a 2-core CPU
 def test_es_np_run_with_capture_equals_full_replay(tmp_path, monkeypatch):
     """ES NP with --last_k=1: the replay from the captured stream gives the same rewards and parameters."""
     from jaxrl_sparse.rl import es
-    monkeypatch.setattr(es, "member_rewards", _token_rewards)
+    monkeypatch.setattr(es, "row_rewards", _token_rewards)
     loaded = es.tiny_random_model(0)
     base = es.ESConfig(method="np", np_include="mlp,head", last_k=1, model_name="tiny-random", mixed_precision="no",
                        data="generated", n_train=2, n_eval=2, n_iters=2, pop_size=2, sigma=0.5, alpha=0.05,
@@ -318,3 +318,35 @@ def test_shared_prefill_equals_per_row_prefill(models):
     spec, _, _ = gen_mod.prepare(params, cfg, t, m, jax.random.key(3), prefill_shared_layers=L,
                                  **dict(kw, noise=_noise(cfg, len(t), last_k=L)))
     assert spec.shared_layers == 0 and spec.prompt_copies == 1
+
+
+def test_noise_off_in_prompt_matches_replay_with_start(models):
+    """generate(noise_in_prompt=False): the prompt's forward runs clean, so every block but the last
+    is shared across the tiled population, and the log-probs equal a teacher-forced forward whose
+    noise starts at each row's prompt length (ActNoise.start, what the replay uses); noise on the
+    prompt too gives other log-probs (the test sees a prefill that kept its noise)."""
+    from jaxrl_sparse import generate as gen_mod
+    cfg, params = models["llama"]
+    toks, mask = _prompts(cfg)
+    C = 2
+    t, m = np.tile(toks, (C, 1)), np.tile(mask, (C, 1))
+    noise = _noise(cfg, len(t), last_k=L, head=0.3)   # every block and the head
+    kw = dict(max_new_tokens=NEW, greedy=True, fixed_length=True, noise=noise, prefill_shared_layers=L,
+              layer_loop=False)
+    spec, _, _ = gen_mod.prepare(params, cfg, t, m, jax.random.key(3), noise_in_prompt=False, **kw)
+    assert (spec.prompt_copies, spec.shared_layers, spec.prefill_noise) == (C, L - 1, False)
+    spec, _, _ = gen_mod.prepare(params, cfg, t, m, jax.random.key(3), noise_in_prompt=False, capture_layer=1, **kw)
+    assert spec.shared_layers == 1   # the captured stream enters block 1: blocks from 1 on run per row
+    out = generate(params, cfg, t, m, jax.random.key(3), noise_in_prompt=False, **kw)
+    seq = np.concatenate([t, np.asarray(out.tokens)], 1)
+    sm = np.concatenate([m, np.asarray(out.mask)], 1)
+    start = jnp.asarray(m.sum(1), jnp.int32)
+    fwd = jax.jit(lambda nz: forward(params, cfg, seq, sm, noise=nz).logits[:, P - 1:P - 1 + NEW])
+
+    def logprobs(nz):
+        lg = jax.nn.log_softmax(fwd(nz))
+        return np.asarray(jnp.take_along_axis(lg, jnp.asarray(out.tokens)[..., None], -1)[..., 0])
+    np.testing.assert_allclose(np.asarray(out.logprobs), logprobs(noise.replace(start=start)), atol=1e-4)
+    assert np.abs(np.asarray(out.logprobs) - logprobs(noise)).max() > 1e-3
+    rows = np.asarray(out.tokens).reshape(C, len(toks), -1)
+    assert not np.array_equal(rows[0], rows[1])   # the decode steps still carry each row's noise

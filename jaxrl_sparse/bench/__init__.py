@@ -16,6 +16,7 @@ COMMANDS = {
     "ppo": "jaxrl_sparse.bench.ppo:main",                   # PPO iteration per phase vs TRL 0.8.6
     "es": "jaxrl_sparse.bench.es:main",                     # ES iteration: NP / low-rank WP / full-rank WP
     "grpo": "jaxrl_sparse.bench.grpo:main",                 # GRPO+LoRA rollout tok/s (vs HF), update MFU
+    "head": "jaxrl_sparse.bench.head:main",                 # the LM head's gemm alone vs its bandwidth bound
     "profile": "jaxrl_sparse.bench.profile:main",           # any of the above under the JAX profiler
 }
 

@@ -47,16 +47,20 @@ class ActNoise:
     the scales when they are concrete (built outside `jit`, as the ES trainer does), so the layer-
     by-layer decode skips drawing noise where the scale is 0 (exactly the same output: 0 * eps = 0).
     It is pytree aux data: part of a jit's cache key, not a traced value.
+
+    start: None (noise at every position) or [B] int: row b gets noise only at positions >= start[b]
+    (the ES replay of generation whose prompt ran without noise: start = the prompt's length).
     """
-    __slots__ = ("keys", "attn_scale", "mlp_scale", "head_scale", "active")
+    __slots__ = ("keys", "attn_scale", "mlp_scale", "head_scale", "start", "active")
     _AUTO = object()
 
-    def __init__(self, keys, attn_scale, mlp_scale, head_scale, active=_AUTO):
+    def __init__(self, keys, attn_scale, mlp_scale, head_scale, start=None, active=_AUTO):
         self.keys, self.attn_scale, self.mlp_scale, self.head_scale = keys, attn_scale, mlp_scale, head_scale
+        self.start = start
         self.active = active_sites(attn_scale, mlp_scale, head_scale) if active is ActNoise._AUTO else active
 
     def tree_flatten(self):
-        return (self.keys, self.attn_scale, self.mlp_scale, self.head_scale), self.active
+        return (self.keys, self.attn_scale, self.mlp_scale, self.head_scale, self.start), self.active
 
     @classmethod
     def tree_unflatten(cls, active, children):
@@ -106,6 +110,8 @@ def _add_noise(noise: Optional[ActNoise], site: str, layer, scale, y, positions)
         return y
     eps = jax.vmap(lambda kd, pos: act_noise_value(kd, NOISE_SITES[site], layer, pos, y.shape[-1]))(
         noise.keys, positions)
+    if noise.start is not None:
+        eps = eps * (positions >= noise.start[:, None])[..., None]
     return (y.astype(jnp.float32) + scale * eps).astype(y.dtype)
 
 

@@ -64,6 +64,8 @@ class ESConfig:
     np_sync_every: int = 1            # NP: apply (and all-reduce) the accumulated replay update every K iterations
     np_micro_batch_size: int = 4      # NP replay: population members per replay micro-batch (rounded down to a divisor of pop_size)
     np_max_tok_chunk: int = 256       # NP replay: tokens per chunk (KV cache carried between chunks)
+    np_credit: str = "member"         # NP: member = the seed's update (every row of member n weighted by its z_n); row = each row weighted by its own reward, centred per prompt across members (z over all rows): the noise of one row cannot change another row's reward, so dropping those terms keeps the estimate unbiased and removes most of its variance
+    np_noise_prompt: bool = True      # NP: noise also on the prompt's forward (the seed's hooks perturb every forward); False = only decode steps carry noise and the update sums over response tokens (the first prompt token's massive activations otherwise dominate the update: BUILD_NOTES.md)
     np_capture: bool = True           # NP with --last_k>0: generation keeps the residual stream entering block L-K and the replay runs only the last K blocks from it (same update; costs rows x (prompt+new) x hidden x 2 bytes); False = replay every block
     # beyond the seed
     wp_rank: int = 0                  # WP: >0 = low-rank perturbations A B^T / sqrt(r) (EGGROLL); population decodes as one batch
@@ -113,6 +115,8 @@ class ESConfig:
             raise UserError(f"--antithetic needs an even --pop_size, got {self.pop_size}")
         if self.sigma < 0 or self.alpha < 0 or self.gpu_threads < 0 or self.wp_rank < 0:
             raise UserError("--sigma, --alpha, --gpu_threads and --wp_rank must be >= 0")
+        if self.np_credit not in ("member", "row"):
+            raise UserError(f"--np_credit={self.np_credit!r}; choose member or row")
         if m == "np":
             perturb.parse_np_include(self.np_include)
         return self
@@ -235,12 +239,13 @@ def row_noise_keys(mkeys, n_rows: int):
 
 
 def np_generate(params, mcfg, tokens, mask, mkeys, scales, key, gkw, params_fn, mesh=None,
-                capture_layer: int = -1):
+                capture_layer: int = -1, noise_in_prompt: bool = True):
     """NP rollouts: prompts [M, P] tiled over the N members (one batch), one noise stream per row.
 
     capture_layer j >= 0: out.hidden [N*M, P+N_new, D] is the residual stream entering block j
     (the replay's start, `np_capture_layer`). The blocks before the first perturbed one are
-    prefilled once per prompt, not once per member (`generate`'s prefill_shared_layers).
+    prefilled once per prompt, not once per member (`generate`'s prefill_shared_layers); with
+    noise_in_prompt=False only decode steps carry noise and all blocks but the last are shared.
     Returns (GenerateOutput [N*M], row_keys [N*M, 2], tokens [N*M, P], mask [N*M, P]).
     """
     from jaxrl_sparse.generate import generate
@@ -248,7 +253,8 @@ def np_generate(params, mcfg, tokens, mask, mkeys, scales, key, gkw, params_fn, 
     rk = row_noise_keys(mkeys, M)
     t, m = np.tile(tokens, (N, 1)), np.tile(mask, (N, 1))
     out = generate(params, mcfg, t, m, key, noise=ActNoise(rk, *scales), params_fn=params_fn,
-                   mesh=mesh, capture_layer=capture_layer, prefill_shared_layers=mcfg.num_layers, **gkw)
+                   mesh=mesh, capture_layer=capture_layer, prefill_shared_layers=mcfg.num_layers,
+                   noise_in_prompt=noise_in_prompt, **gkw)
     return out, rk, t, m
 
 
@@ -383,8 +389,8 @@ def decode_rows(tok, tokens, mask) -> List[str]:
     return tok.batch_decode([row[m].tolist() for row, m in zip(tokens, mask)], skip_special_tokens=True)
 
 
-def member_rewards(tok, tokens, mask, golds, n_members: int) -> np.ndarray:
-    """[N] mean exact-match reward per member (rows member-major, golds for one member's rows).
+def row_rewards(tok, tokens, mask, golds, n_members: int) -> np.ndarray:
+    """[N, M] exact-match reward of every row (rows member-major, golds for one member's rows).
 
     Each process decodes and scores its own share of the rows (`parallel.process_rows`)."""
     rows = parallel.process_rows(len(tokens)) if len(tokens) % jax.process_count() == 0 else slice(None)
@@ -392,7 +398,12 @@ def member_rewards(tok, tokens, mask, golds, n_members: int) -> np.ndarray:
     r = math_task.score_completions(texts, (list(golds) * n_members)[rows])
     if rows != slice(None):
         r = parallel.allgather_rows(np.asarray(r, np.float32))
-    return np.asarray(r).reshape(n_members, -1).mean(axis=1)
+    return np.asarray(r, np.float32).reshape(n_members, -1)
+
+
+def member_rewards(tok, tokens, mask, golds, n_members: int) -> np.ndarray:
+    """[N] mean exact-match reward per member (`row_rewards` averaged over the member's rows)."""
+    return row_rewards(tok, tokens, mask, golds, n_members).mean(axis=1)
 
 
 def np_micro_members(pop: int, want: int) -> int:
@@ -415,10 +426,10 @@ def _replay_fn(mcfg, include, last_k, tok_chunk, micro_rows, cdt):
 
     start_hidden [R, S, D]: the stream entering block L - last_k captured during generation; the
     replay then runs only the last_k blocks (`es_math.np_replay_delta`)."""
-    def fn(params, tokens, mask, contrib, row_keys, row_coef, scales, start_hidden=None):
+    def fn(params, tokens, mask, contrib, row_keys, row_coef, scales, start_hidden=None, noise_start=None):
         return es_math.np_replay_delta(params, mcfg, tokens, mask, contrib, row_keys, row_coef, scales,
                                        include, last_k, tok_chunk=tok_chunk, micro_rows=micro_rows,
-                                       compute_dtype=cdt, start_hidden=start_hidden)
+                                       compute_dtype=cdt, start_hidden=start_hidden, noise_start=noise_start)
     return jax.jit(fn)
 
 
@@ -607,7 +618,8 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
         kg = jax.random.fold_in(k_gen, it)
         if method == "np":
             parts = [np_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys[c], scales, jax.random.fold_in(kg, i),
-                                 gkw, cast_fn, mesh=row_mesh(len(mkeys[c]) * M), capture_layer=cap_layer)
+                                 gkw, cast_fn, mesh=row_mesh(len(mkeys[c]) * M), capture_layer=cap_layer,
+                                 noise_in_prompt=ecfg.np_noise_prompt)
                      for i, c in enumerate(member_chunks(N, ecfg.gpu_threads))]
             hidden = None  # [N*M, P+N_new, D] on the devices: the replay's start (np_capture_layer)
             if cap_layer >= 0:
@@ -632,17 +644,20 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
         g_tok, g_mask = np.asarray(g_tok), np.asarray(g_mask)
         t1 = time.perf_counter()
         phase_gc()
-        rewards = member_rewards(tok, g_tok, g_mask, tr_gold, N)
+        per_row = row_rewards(tok, g_tok, g_mask, tr_gold, N)
+        rewards = per_row.mean(axis=1)
         coefs = np.asarray(es_math.zscore(rewards)) * signs
         t2 = time.perf_counter()
         if method == "np":
-            row_coef = np.repeat(np.asarray(coefs * ecfg.alpha / (N * sigma), np.float32), M)
+            z_rows = (np.repeat(coefs, M) if ecfg.np_credit == "member"
+                      else np.asarray(es_math.row_advantages(per_row)).reshape(-1))
+            row_coef = np.asarray(z_rows * ecfg.alpha / (N * sigma), np.float32)
             tokens = np.concatenate([ptok, g_tok], axis=1)
             mask = np.concatenate([np.asarray(pmask).astype(bool), np.asarray(g_mask).astype(bool)], axis=1)
-            contrib = np.asarray(es_math.np_contrib_mask(pmask, g_mask))
-            rows_in = (tokens, mask, contrib, rk, row_coef)
-            if hidden is not None:
-                rows_in += (hidden,)
+            contrib = np.asarray(es_math.np_contrib_mask(pmask, g_mask, prompt=ecfg.np_noise_prompt))
+            # positions are cumsum(mask) - 1: a row's response starts at its prompt length
+            start = None if ecfg.np_noise_prompt else np.asarray(pmask, bool).sum(axis=1).astype(np.int32)
+            rows_in = (tokens, mask, contrib, rk, row_coef, hidden, start)
             rows_in = parallel.put_batch(rows_in, mesh) if row_mesh(len(tokens)) is not False else rows_in
             delta = replay(state["params"], *rows_in[:5], scales, *rows_in[5:])   # per-row sums all-reduced by XLA
             del hidden, rows_in

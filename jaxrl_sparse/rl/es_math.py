@@ -47,6 +47,16 @@ def zscore(rewards, eps: float = 1e-8):
     return (r - r.mean()) / (r.std() + eps)
 
 
+def row_advantages(rewards, eps: float = 1e-8):
+    """[N, M] rewards (member n, prompt m) -> (r - mean_n r[:, m]) / (std of those over all n, m + eps).
+
+    Centred per prompt across the population (a prompt every member answers alike contributes 0),
+    scaled once over the whole array so prompts keep their relative weight."""
+    r = jnp.asarray(rewards, jnp.float32)
+    c = r - r.mean(axis=0, keepdims=True)
+    return c / (jnp.sqrt((c * c).mean()) + eps)
+
+
 # ----------------------------------------------------------------------------- WP updates
 def wp_update(params, keys, coefs, alpha: float, paths: Sequence[str]):
     """theta + alpha / N * sum_n coefs_n eps_n(keys_n) on `paths` (coefs = z * sign), fp32 result.
@@ -136,20 +146,22 @@ def _replay_interceptor(row_keys, positions, weights, layer_on):
     return nn.intercept_methods(icpt)
 
 
-def np_contrib_mask(prompt_mask, resp_mask):
+def np_contrib_mask(prompt_mask, resp_mask, prompt: bool = True):
     """[R, P+N] positions whose forward pass ran with noise and shaped a sampled token.
 
-    Real prompt tokens (prefill) and response tokens that were fed back while the row was alive:
-    response token i was fed iff token i+1 exists (the last sampled token is never fed).
+    Real prompt tokens (prefill; only with `prompt`, i.e. the prompt ran with noise) and response
+    tokens that were fed back while the row was alive: response token i was fed iff token i+1
+    exists (the last sampled token is never fed).
     """
     resp = jnp.asarray(resp_mask, jnp.bool_)
     fed = jnp.concatenate([resp[:, 1:], jnp.zeros_like(resp[:, :1])], axis=1)
-    return jnp.concatenate([jnp.asarray(prompt_mask, jnp.bool_), fed], axis=1)
+    pm = jnp.asarray(prompt_mask, jnp.bool_)
+    return jnp.concatenate([pm if prompt else jnp.zeros_like(pm), fed], axis=1)
 
 
 def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, row_coef,
                     scales, include: str, last_k: int, *, tok_chunk: int = 256, micro_rows: int = 0,
-                    compute_dtype=None, start_hidden=None) -> Dict[str, jax.Array]:
+                    compute_dtype=None, start_hidden=None, noise_start=None) -> Dict[str, jax.Array]:
     """{path: Delta} = sum_b row_coef_b sum_t [contrib] x_{b,t}^T eps_{b,t} per updated parameter.
 
     tokens, mask, contrib [R, S] (prompt + response; positions = cumsum(mask) - 1 as in generate);
@@ -164,6 +176,9 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
     their output is what generation computed: the replay then runs only blocks j..L-1 (same
     interceptor, noise and chunking; the KV cache holds last_k blocks) and the result equals the
     full replay. Updates of layers < j are zero, as in the full replay.
+
+    noise_start [R] int (generation with noise_in_prompt=False): row r's noise starts at position
+    noise_start[r] (its prompt length), as in generation; contrib must then exclude the prompt.
     """
     L = cfg.num_layers
     j0 = 0
@@ -198,9 +213,9 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
             return tree
         return {p: x.astype(compute_dtype) for p, x in tree.items()}
 
-    def surrogate(sel_, tok, msk, pos, w, keys, cache, h0):
+    def surrogate(sel_, tok, msk, pos, w, keys, cache, h0, n0):
         full = tree_lib.unflatten({**cast(rest), **cast(sel_)})
-        noise = ActNoise(keys, attn_s, mlp_s, head_s)
+        noise = ActNoise(keys, attn_s, mlp_s, head_s, start=n0)
         with _replay_interceptor(keys, pos, w, layer_on):
             out = forward(full, cfg, tok, msk, positions=pos, cache=cache, noise=noise,
                           compute_logits=False, start_layer=j0, start_hidden=h0)
@@ -210,12 +225,12 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
     grad_fn = jax.grad(surrogate, has_aux=True)
 
     def micro(acc, xs):
-        tok, msk, pos, w, keys, start = xs
+        tok, msk, pos, w, keys, start, n0 = xs
         cache = init_cache(cfg, tok.shape[0], S, layers=L - j0)
         for s0 in range(0, S, tok_chunk):
             sl = slice(s0, min(S, s0 + tok_chunk))
             g, (cache, hidden) = grad_fn(sel, tok[:, sl], msk[:, sl], pos[:, sl], w[:, sl], keys, cache,
-                                         None if start is None else start[:, sl])
+                                         None if start is None else start[:, sl], n0)
             cache = jax.lax.stop_gradient(cache)
             acc = {p: acc[p] + (g[p].astype(jnp.float32) if p in g else 0.0) for p in acc}
             if head_path is not None:
@@ -234,7 +249,7 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
     acc0 = {p: jnp.zeros(flat[p].shape, jnp.float32) for p in acc_paths}
     split = lambda x: x.reshape((R // mb, mb) + x.shape[1:])
     xs = tuple(map(split, (tokens, mask, positions, weights, row_keys)))
-    acc, _ = jax.lax.scan(micro, acc0, xs + (None if start_hidden is None else split(start_hidden),))
+    acc, _ = jax.lax.scan(micro, acc0, xs + tuple(None if x is None else split(x) for x in (start_hidden, noise_start)))
     if j0:  # blocks < j0 carry no noise: their update is zero
         acc = {p: (jnp.concatenate([jnp.zeros((j0,) + d.shape[1:], d.dtype), d]) if p.startswith("layers/") else d)
                for p, d in acc.items()}
