@@ -280,7 +280,8 @@ def _place(params, tokens, mask, noise, mesh: Mesh):
     if noise is not None:
         noise = noise.replace(keys=parallel.put(noise.keys, row), attn_scale=parallel.put(noise.attn_scale, rep),
                               mlp_scale=parallel.put(noise.mlp_scale, rep), head_scale=parallel.put(noise.head_scale, rep),
-                              start=None if noise.start is None else parallel.put(noise.start, row))
+                              start=None if noise.start is None else parallel.put(noise.start, row),
+                              sign=None if noise.sign is None else parallel.put(noise.sign, row))
     return params, tokens, mask, noise
 
 

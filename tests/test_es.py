@@ -69,10 +69,11 @@ def test_row_advantages_centre_per_prompt():
     assert not np.asarray(es_math.row_advantages(np.ones((3, 2)))).any()
 
 
-@pytest.mark.parametrize("credit", ["member", "row"])
-def test_np_credit_sets_replay_row_weights(tmp_path, monkeypatch, credit):
+@pytest.mark.parametrize("credit,antithetic", [("member", False), ("row", False), ("member", True)])
+def test_np_credit_sets_replay_row_weights(tmp_path, monkeypatch, credit, antithetic):
     """--np_credit: the replay's per-row weights are alpha/(N sigma) z_n repeated over member n's rows
-    (the seed's), or the per-prompt-centred row rewards (rows of prompts all members answer alike get 0)."""
+    (the seed's), or the per-prompt-centred row rewards (rows of prompts all members answer alike get 0).
+    --antithetic: the pair's rows carry signs +1 / -1 into generation and the replay (not into z)."""
     from jaxrl_sparse.rl import es
     N, M, alpha, sigma = 2, 3, 0.05, 0.5
     r = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]], np.float32)   # member 0 alone answers prompt 0
@@ -85,14 +86,19 @@ def test_np_credit_sets_replay_row_weights(tmp_path, monkeypatch, credit):
 
         def wrapped(*args):
             seen.append(np.asarray(args[5]))
+            seen.append(None if len(args) < 10 or args[9] is None else np.asarray(args[9]))
             return fn(*args)
         return wrapped
     monkeypatch.setattr(es, "_replay_fn", spy)
     cfg = es.ESConfig(method="np", np_include="mlp", np_credit=credit, model_name="tiny-random", mixed_precision="no",
                       data="generated", n_train=M, n_eval=2, n_iters=1, pop_size=N, sigma=sigma, alpha=alpha,
                       greedy=False, max_new_tokens=3, max_prompt_len=48, skip_eval=True, export_final=False,
-                      visualization_dir=str(tmp_path))
+                      visualization_dir=str(tmp_path), antithetic=antithetic)
     es.train(cfg, progress=False, loaded=es.tiny_random_model(0))
+    if antithetic:
+        np.testing.assert_array_equal(seen[1], [1.0] * M + [-1.0] * M)
+    else:
+        assert seen[1] is None
     z = np.repeat(np.asarray(es_math.zscore(r.mean(1))), M) if credit == "member" else \
         np.asarray(es_math.row_advantages(r)).reshape(-1)
     np.testing.assert_allclose(seen[0], z * alpha / (N * sigma), rtol=1e-6)
@@ -155,10 +161,10 @@ def _capture_inputs(params, tokens, mask, noise):
     return store, np.asarray(out.hidden)
 
 
-@pytest.mark.parametrize("noise_start", [None, (3, 1, 4, 2)])
-def test_np_replay_equals_sum_z_eps_xT(params, noise_start):
+@pytest.mark.parametrize("noise_start,noise_sign", [(None, None), ((3, 1, 4, 2), None), (None, (1, -1, -1, 1))])
+def test_np_replay_equals_sum_z_eps_xT(params, noise_start, noise_sign):
     """noise_start: noise (and the update) only from each row's given position on, as after a
-    generation with noise_in_prompt=False."""
+    generation with noise_in_prompt=False. noise_sign: antithetic rows decoded with -eps."""
     include, last_k = "attn,mlp,head", 1
     R, S = 4, 7
     tokens = jax.random.randint(jax.random.key(3), (R, S), 0, 64)
@@ -171,14 +177,19 @@ def test_np_replay_equals_sum_z_eps_xT(params, noise_start):
     keys = jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(jax.random.key(4), i))(jnp.arange(R)))
     coef = jnp.array([0.7, -1.1, 0.3, 2.0])
     scales = perturb.np_scales(CFG, include, last_k, 0.05)
-    delta = jax.jit(lambda p, t, m, c, k, w, s, n0: es_math.np_replay_delta(
-        p, CFG, t, m, c, k, w, s, include, last_k, tok_chunk=3, micro_rows=2, noise_start=n0))(
-        params, tokens, mask, contrib, keys, coef, scales, noise_start)
-    xs, hidden = _capture_inputs(params, tokens, mask, ActNoise(keys, *scales, start=noise_start))
+    sign = None if noise_sign is None else jnp.asarray(noise_sign, jnp.float32)
+    delta = jax.jit(lambda p, t, m, c, k, w, s, n0, sg: es_math.np_replay_delta(
+        p, CFG, t, m, c, k, w, s, include, last_k, tok_chunk=3, micro_rows=2, noise_start=n0, noise_sign=sg))(
+        params, tokens, mask, contrib, keys, coef, scales, noise_start, sign)
+    xs, hidden = _capture_inputs(params, tokens, mask, ActNoise(keys, *scales, start=noise_start, sign=sign))
     if noise_start is not None:   # the replayed stream differs from one with noise on every position
         full, _ = _capture_inputs(params, tokens, mask, ActNoise(keys, *scales))
         assert not np.allclose(full[("mlp", 1)], xs[("mlp", 1)])
     w = np.asarray(contrib, np.float32) * np.asarray(coef)[:, None]
+    if sign is not None:   # the rows' noise was sign * eps
+        w = w * np.asarray(sign)[:, None]
+        full, _ = _capture_inputs(params, tokens, mask, ActNoise(keys, *scales))
+        assert not np.allclose(full[("mlp", 1)], xs[("mlp", 1)])
     expect_paths = set(tree_lib.select(params, perturb.np_param_regex(CFG, include)))
     assert set(delta) == expect_paths
     layer_on = np.asarray(perturb.np_layer_mask(CFG, last_k))

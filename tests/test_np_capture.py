@@ -350,3 +350,18 @@ def test_noise_off_in_prompt_matches_replay_with_start(models):
     assert np.abs(np.asarray(out.logprobs) - logprobs(noise)).max() > 1e-3
     rows = np.asarray(out.tokens).reshape(C, len(toks), -1)
     assert not np.array_equal(rows[0], rows[1])   # the decode steps still carry each row's noise
+
+
+def test_noise_sign_flips_the_noise(models):
+    """ActNoise.sign: with head noise only, logits = clean + sign * scale * eps exactly, so a row with
+    sign -1 moves by the opposite of its +1 twin (antithetic NP pairs share the row key)."""
+    cfg, params = models["llama"]
+    toks, mask = _prompts(cfg)
+    B = len(toks)
+    noise = _noise(cfg, B, last_k=0, head=0.5)
+    sign = jnp.asarray([1.0, -1.0, -1.0, 1.0])
+    fwd = jax.jit(lambda nz: forward(params, cfg, toks, mask, noise=nz).logits)
+    clean, plus, signed = fwd(None), fwd(noise), fwd(noise.replace(sign=sign))
+    d_plus, d_signed = np.asarray(plus - clean), np.asarray(signed - clean)
+    assert np.abs(d_plus).max() > 0.1
+    np.testing.assert_allclose(d_signed, d_plus * np.asarray(sign)[:, None, None], rtol=1e-5, atol=1e-5)

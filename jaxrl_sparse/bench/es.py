@@ -77,7 +77,7 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
         t0 = time.perf_counter()
         if method == "np":
             scales = perturb.np_scales(cfg, np_include, last_k, 0.005)
-            out, rk, pt, pm = es.np_generate(state, cfg, tokens, mask, mkeys, scales, kg, gkw, cast, mesh=msh,
+            out, rk, pt, pm, _ = es.np_generate(state, cfg, tokens, mask, mkeys, scales, kg, gkw, cast, mesh=msh,
                                              capture_layer=es.np_capture_layer(cfg, np_include, last_k, np_capture))
             gt, gm = jax.block_until_ready((out.tokens, out.mask))
         elif method == "lowrank":

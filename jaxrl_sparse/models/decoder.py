@@ -50,17 +50,19 @@ class ActNoise:
 
     start: None (noise at every position) or [B] int: row b gets noise only at positions >= start[b]
     (the ES replay of generation whose prompt ran without noise: start = the prompt's length).
+    sign: None or [B] float: row b's noise is multiplied by sign[b] (antithetic ES pairs share a
+    key with signs +1 / -1).
     """
-    __slots__ = ("keys", "attn_scale", "mlp_scale", "head_scale", "start", "active")
+    __slots__ = ("keys", "attn_scale", "mlp_scale", "head_scale", "start", "sign", "active")
     _AUTO = object()
 
-    def __init__(self, keys, attn_scale, mlp_scale, head_scale, start=None, active=_AUTO):
+    def __init__(self, keys, attn_scale, mlp_scale, head_scale, start=None, sign=None, active=_AUTO):
         self.keys, self.attn_scale, self.mlp_scale, self.head_scale = keys, attn_scale, mlp_scale, head_scale
-        self.start = start
+        self.start, self.sign = start, sign
         self.active = active_sites(attn_scale, mlp_scale, head_scale) if active is ActNoise._AUTO else active
 
     def tree_flatten(self):
-        return (self.keys, self.attn_scale, self.mlp_scale, self.head_scale, self.start), self.active
+        return (self.keys, self.attn_scale, self.mlp_scale, self.head_scale, self.start, self.sign), self.active
 
     @classmethod
     def tree_unflatten(cls, active, children):
@@ -112,6 +114,8 @@ def _add_noise(noise: Optional[ActNoise], site: str, layer, scale, y, positions)
         noise.keys, positions)
     if noise.start is not None:
         eps = eps * (positions >= noise.start[:, None])[..., None]
+    if noise.sign is not None:
+        eps = eps * noise.sign.astype(jnp.float32)[:, None, None]
     return (y.astype(jnp.float32) + scale * eps).astype(y.dtype)
 
 

@@ -70,7 +70,7 @@ class ESConfig:
     # beyond the seed
     wp_rank: int = 0                  # WP: >0 = low-rank perturbations A B^T / sqrt(r) (EGGROLL); population decodes as one batch
     wp_include: str = ""              # WP: regex of perturbed parameters ('' = all for full rank; projections for low rank)
-    antithetic: bool = False          # WP: mirrored pairs (+eps, -eps) sharing a seed (pop_size must be even)
+    antithetic: bool = False          # mirrored pairs (+eps, -eps) sharing a seed (pop_size must be even): WP weight noise, NP activation noise
     data: str = "gsm8k"               # gsm8k (hub) | jsonl | generated (offline GSM8K-style problems)
     train_file: str = ""              # JSONL with question/answer per line (data=jsonl)
     eval_file: str = ""               # JSONL for evaluation (data=jsonl; default: the train file)
@@ -239,23 +239,26 @@ def row_noise_keys(mkeys, n_rows: int):
 
 
 def np_generate(params, mcfg, tokens, mask, mkeys, scales, key, gkw, params_fn, mesh=None,
-                capture_layer: int = -1, noise_in_prompt: bool = True):
+                capture_layer: int = -1, noise_in_prompt: bool = True, signs=None):
     """NP rollouts: prompts [M, P] tiled over the N members (one batch), one noise stream per row.
 
     capture_layer j >= 0: out.hidden [N*M, P+N_new, D] is the residual stream entering block j
     (the replay's start, `np_capture_layer`). The blocks before the first perturbed one are
     prefilled once per prompt, not once per member (`generate`'s prefill_shared_layers); with
     noise_in_prompt=False only decode steps carry noise and all blocks but the last are shared.
-    Returns (GenerateOutput [N*M], row_keys [N*M, 2], tokens [N*M, P], mask [N*M, P]).
+    signs [N] (None = all +1): member n's rows get sign_n times its noise (antithetic pairs share a
+    seed); the row signs are returned as the 5th element (None when signs is None).
+    Returns (GenerateOutput [N*M], row_keys [N*M, 2], tokens [N*M, P], mask [N*M, P], row signs).
     """
     from jaxrl_sparse.generate import generate
     N, M = mkeys.shape[0], tokens.shape[0]
     rk = row_noise_keys(mkeys, M)
     t, m = np.tile(tokens, (N, 1)), np.tile(mask, (N, 1))
-    out = generate(params, mcfg, t, m, key, noise=ActNoise(rk, *scales), params_fn=params_fn,
+    row_signs = None if signs is None else np.repeat(np.asarray(signs, np.float32), M)
+    out = generate(params, mcfg, t, m, key, noise=ActNoise(rk, *scales, sign=row_signs), params_fn=params_fn,
                    mesh=mesh, capture_layer=capture_layer, prefill_shared_layers=mcfg.num_layers,
                    noise_in_prompt=noise_in_prompt, **gkw)
-    return out, rk, t, m
+    return out, rk, t, m, row_signs
 
 
 def lowrank_generate(params, mcfg, tokens, mask, mkeys, sigma, key, gkw, lr_fn: LowRankFn, mesh=None,
@@ -426,10 +429,12 @@ def _replay_fn(mcfg, include, last_k, tok_chunk, micro_rows, cdt):
 
     start_hidden [R, S, D]: the stream entering block L - last_k captured during generation; the
     replay then runs only the last_k blocks (`es_math.np_replay_delta`)."""
-    def fn(params, tokens, mask, contrib, row_keys, row_coef, scales, start_hidden=None, noise_start=None):
+    def fn(params, tokens, mask, contrib, row_keys, row_coef, scales, start_hidden=None, noise_start=None,
+           noise_sign=None):
         return es_math.np_replay_delta(params, mcfg, tokens, mask, contrib, row_keys, row_coef, scales,
                                        include, last_k, tok_chunk=tok_chunk, micro_rows=micro_rows,
-                                       compute_dtype=cdt, start_hidden=start_hidden, noise_start=noise_start)
+                                       compute_dtype=cdt, start_hidden=start_hidden, noise_start=noise_start,
+                                       noise_sign=noise_sign)
     return jax.jit(fn)
 
 
@@ -613,13 +618,13 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
     history = []
     for it in bar:
         t0 = time.perf_counter()
-        seeds, signs = es_math.iteration_seeds(k_seeds, it, N, ecfg.antithetic and method == "wp")
+        seeds, signs = es_math.iteration_seeds(k_seeds, it, N, ecfg.antithetic)
         mkeys = es_math.member_keys(k_noise, seeds)
         kg = jax.random.fold_in(k_gen, it)
         if method == "np":
             parts = [np_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys[c], scales, jax.random.fold_in(kg, i),
                                  gkw, cast_fn, mesh=row_mesh(len(mkeys[c]) * M), capture_layer=cap_layer,
-                                 noise_in_prompt=ecfg.np_noise_prompt)
+                                 noise_in_prompt=ecfg.np_noise_prompt, signs=signs[c] if ecfg.antithetic else None)
                      for i, c in enumerate(member_chunks(N, ecfg.gpu_threads))]
             hidden = None  # [N*M, P+N_new, D] on the devices: the replay's start (np_capture_layer)
             if cap_layer >= 0:
@@ -630,6 +635,7 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
             g_mask = np.concatenate([h[1] for h in host])
             rk = np.concatenate([np.asarray(p[1]) for p in parts])
             ptok, pmask = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+            row_signs = np.concatenate([p[4] for p in parts]) if ecfg.antithetic else None
         elif ecfg.wp_rank > 0:
             outs = [lowrank_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys[c], sigma,
                                      jax.random.fold_in(kg, i), gkw, lr_fn, mesh=row_mesh(len(mkeys[c]) * M),
@@ -646,10 +652,11 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
         phase_gc()
         per_row = row_rewards(tok, g_tok, g_mask, tr_gold, N)
         rewards = per_row.mean(axis=1)
-        coefs = np.asarray(es_math.zscore(rewards)) * signs
+        z = np.asarray(es_math.zscore(rewards))
+        coefs = z * signs
         t2 = time.perf_counter()
         if method == "np":
-            z_rows = (np.repeat(coefs, M) if ecfg.np_credit == "member"
+            z_rows = (np.repeat(z, M) if ecfg.np_credit == "member"      # the replay applies the signs
                       else np.asarray(es_math.row_advantages(per_row)).reshape(-1))
             row_coef = np.asarray(z_rows * ecfg.alpha / (N * sigma), np.float32)
             tokens = np.concatenate([ptok, g_tok], axis=1)
@@ -657,7 +664,7 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
             contrib = np.asarray(es_math.np_contrib_mask(pmask, g_mask, prompt=ecfg.np_noise_prompt))
             # positions are cumsum(mask) - 1: a row's response starts at its prompt length
             start = None if ecfg.np_noise_prompt else np.asarray(pmask, bool).sum(axis=1).astype(np.int32)
-            rows_in = (tokens, mask, contrib, rk, row_coef, hidden, start)
+            rows_in = (tokens, mask, contrib, rk, row_coef, hidden, start, row_signs)
             rows_in = parallel.put_batch(rows_in, mesh) if row_mesh(len(tokens)) is not False else rows_in
             delta = replay(state["params"], *rows_in[:5], scales, *rows_in[5:])   # per-row sums all-reduced by XLA
             del hidden, rows_in

@@ -161,7 +161,8 @@ def np_contrib_mask(prompt_mask, resp_mask, prompt: bool = True):
 
 def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, row_coef,
                     scales, include: str, last_k: int, *, tok_chunk: int = 256, micro_rows: int = 0,
-                    compute_dtype=None, start_hidden=None, noise_start=None) -> Dict[str, jax.Array]:
+                    compute_dtype=None, start_hidden=None, noise_start=None,
+                    noise_sign=None) -> Dict[str, jax.Array]:
     """{path: Delta} = sum_b row_coef_b sum_t [contrib] x_{b,t}^T eps_{b,t} per updated parameter.
 
     tokens, mask, contrib [R, S] (prompt + response; positions = cumsum(mask) - 1 as in generate);
@@ -179,6 +180,8 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
 
     noise_start [R] int (generation with noise_in_prompt=False): row r's noise starts at position
     noise_start[r] (its prompt length), as in generation; contrib must then exclude the prompt.
+    noise_sign [R] float (antithetic NP pairs): row r's noise was sign_r eps; the replay uses the same
+    and the update is sum row_coef sign x^T eps (fold z, not the sign, into row_coef).
     """
     L = cfg.num_layers
     j0 = 0
@@ -206,6 +209,8 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
         raise ValueError(f"rows {R} not divisible by micro batch {mb}")
     positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
     weights = contrib.astype(jnp.float32) * row_coef[:, None].astype(jnp.float32)
+    if noise_sign is not None:   # the injected eps below is unsigned: the row's sign goes into its weight
+        weights = weights * noise_sign[:, None].astype(jnp.float32)
     attn_s, mlp_s, head_s = scales
 
     def cast(tree):
@@ -213,9 +218,9 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
             return tree
         return {p: x.astype(compute_dtype) for p, x in tree.items()}
 
-    def surrogate(sel_, tok, msk, pos, w, keys, cache, h0, n0):
+    def surrogate(sel_, tok, msk, pos, w, keys, cache, h0, n0, sg):
         full = tree_lib.unflatten({**cast(rest), **cast(sel_)})
-        noise = ActNoise(keys, attn_s, mlp_s, head_s, start=n0)
+        noise = ActNoise(keys, attn_s, mlp_s, head_s, start=n0, sign=sg)
         with _replay_interceptor(keys, pos, w, layer_on):
             out = forward(full, cfg, tok, msk, positions=pos, cache=cache, noise=noise,
                           compute_logits=False, start_layer=j0, start_hidden=h0)
@@ -225,12 +230,12 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
     grad_fn = jax.grad(surrogate, has_aux=True)
 
     def micro(acc, xs):
-        tok, msk, pos, w, keys, start, n0 = xs
+        tok, msk, pos, w, keys, start, n0, sg = xs
         cache = init_cache(cfg, tok.shape[0], S, layers=L - j0)
         for s0 in range(0, S, tok_chunk):
             sl = slice(s0, min(S, s0 + tok_chunk))
             g, (cache, hidden) = grad_fn(sel, tok[:, sl], msk[:, sl], pos[:, sl], w[:, sl], keys, cache,
-                                         None if start is None else start[:, sl], n0)
+                                         None if start is None else start[:, sl], n0, sg)
             cache = jax.lax.stop_gradient(cache)
             acc = {p: acc[p] + (g[p].astype(jnp.float32) if p in g else 0.0) for p in acc}
             if head_path is not None:
@@ -249,7 +254,7 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
     acc0 = {p: jnp.zeros(flat[p].shape, jnp.float32) for p in acc_paths}
     split = lambda x: x.reshape((R // mb, mb) + x.shape[1:])
     xs = tuple(map(split, (tokens, mask, positions, weights, row_keys)))
-    acc, _ = jax.lax.scan(micro, acc0, xs + tuple(None if x is None else split(x) for x in (start_hidden, noise_start)))
+    acc, _ = jax.lax.scan(micro, acc0, xs + tuple(None if x is None else split(x) for x in (start_hidden, noise_start, noise_sign)))
     if j0:  # blocks < j0 carry no noise: their update is zero
         acc = {p: (jnp.concatenate([jnp.zeros((j0,) + d.shape[1:], d.dtype), d]) if p.startswith("layers/") else d)
                for p, d in acc.items()}
