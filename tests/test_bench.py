@@ -35,3 +35,12 @@ def test_head_bench_runs_and_dispatch_errors():
         dispatch(["nope"])
     with pytest.raises(UserError, match="unknown model shape"):
         dispatch(["head", "--models=nope"])
+
+
+@pytest.mark.parametrize("noise_prompt", [True, False])
+def test_es_bench_small_np_runs(noise_prompt):
+    from jaxrl_sparse.bench import es as bench_es
+    res = bench_es.run(small=True, methods=("np",), np_noise_prompt=noise_prompt)
+    ph = res["methods"]["np"]
+    assert res["np_noise_prompt"] == noise_prompt
+    assert ph["total_s"] > 0 and ph["generate_s"] > 0 and ph["update_s"] > 0

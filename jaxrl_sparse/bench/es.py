@@ -32,11 +32,13 @@ def _rewards_proxy(tokens, mask, n_members: int) -> np.ndarray:
 def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n_train: int = 64,
         new_tokens: int = 256, prompt_len: int = 128, rank: int = 1, np_include: str = "mlp",
         last_k: int = 1, micro_members: int = 1, tok_chunk: int = 128, seed: int = 0, mesh: str = "",
-        per_device_pop: int = 0, np_capture: bool = True, wp_group: int = 0) -> Dict[str, Any]:
+        per_device_pop: int = 0, np_capture: bool = True, wp_group: int = 0,
+        np_noise_prompt: bool = True) -> Dict[str, Any]:
     """mesh: 'data:N,fsdp:M' ('' = all devices on data): population rows split over the devices,
     the fp32 master over fsdp. per_device_pop > 0: pop = per_device_pop x devices (weak scaling).
     np_capture: NP generation keeps the stream entering block L - last_k and the replay runs only the
     last_k blocks from it (`es.np_capture_layer`); False = replay every block.
+    np_noise_prompt: False = NP noise on the decode steps only (`launch.es --nonp_noise_prompt`).
     wp_group: full-rank WP members decoded per call (0 = from free device memory, all on CPU); the
     size used is reported as results['wp_group']."""
     from jaxrl_sparse import parallel
@@ -67,6 +69,7 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
     results: Dict[str, Any] = {"device": jax.devices()[0].device_kind, "n_devices": jax.device_count(),
                                "mesh": dict(msh.shape),
                                "model": "qwen2.5-1.5b" + (" (small)" if small else ""), "pop": pop,
+                               "np_noise_prompt": np_noise_prompt,
                                "n_train": n_train, "new_tokens": new_tokens, "prompt_len": prompt_len,
                                "methods": {}}
 
@@ -78,7 +81,8 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
         if method == "np":
             scales = perturb.np_scales(cfg, np_include, last_k, 0.005)
             out, rk, pt, pm, _ = es.np_generate(state, cfg, tokens, mask, mkeys, scales, kg, gkw, cast, mesh=msh,
-                                             capture_layer=es.np_capture_layer(cfg, np_include, last_k, np_capture))
+                                                capture_layer=es.np_capture_layer(cfg, np_include, last_k, np_capture),
+                                                noise_in_prompt=np_noise_prompt)
             gt, gm = jax.block_until_ready((out.tokens, out.mask))
         elif method == "lowrank":
             lr = es.LowRankFn(perturb.lowrank_paths(state, ""), rank, cdt)
@@ -102,10 +106,11 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
             row_coef = np.repeat(np.asarray(z * alpha / (pop * 0.005), np.float32), n_train)
             toks = np.concatenate([np.asarray(pt), gt], 1)
             msk = np.concatenate([np.asarray(pm).astype(bool), gm.astype(bool)], 1)
-            rows = parallel.put_batch((toks, msk, np.asarray(es_math.np_contrib_mask(pm, gm)), np.asarray(rk),
-                                       row_coef), msh)
+            contrib = np.asarray(es_math.np_contrib_mask(pm, gm, prompt=np_noise_prompt))
+            rows = parallel.put_batch((toks, msk, contrib, np.asarray(rk), row_coef), msh)
             hidden = None if out.hidden is None else parallel.put_batch(out.hidden, msh)
-            delta = fn(state, *rows, scales, hidden)
+            start = None if np_noise_prompt else parallel.put_batch(np.asarray(pm).sum(1).astype(np.int32), msh)
+            delta = fn(state, *rows, scales, hidden, start)
             del out, hidden
             state = jax.jit(es_math.apply_delta, donate_argnums=(0,), out_shardings=layout.tree)(state, delta)
         elif method == "lowrank":
@@ -147,6 +152,8 @@ def main(argv: Optional[List[str]] = None):
     ap.add_argument("--tok_chunk", type=int, default=128, help="NP replay: tokens per chunk")
     ap.add_argument("--np_no_capture", action="store_true",
                     help="NP: replay every block (no hidden state captured during generation)")
+    ap.add_argument("--np_decode_noise_only", action="store_true",
+                    help="NP: noise on the decode steps only (launch.es --nonp_noise_prompt; the prompt's prefill is shared)")
     ap.add_argument("--wp_group", type=int, default=0,
                     help="full-rank WP: members decoded per call, vmapped (0 = as many as fit in device memory)")
     ap.add_argument("--mesh", default="", help="device mesh data:N,fsdp:M ('' = all visible devices on data)")
@@ -156,7 +163,8 @@ def main(argv: Optional[List[str]] = None):
     a = ap.parse_args(argv)
     res = run(a.small, tuple(m for m in a.methods.split(",") if m), a.pop, a.n_train, a.new_tokens,
               a.prompt_len, a.rank, a.np_include, a.last_k, a.micro_members, a.tok_chunk, mesh=a.mesh,
-              per_device_pop=a.per_device_pop, np_capture=not a.np_no_capture, wp_group=a.wp_group)
+              per_device_pop=a.per_device_pop, np_capture=not a.np_no_capture, wp_group=a.wp_group,
+              np_noise_prompt=not a.np_decode_noise_only)
     print(f"ES iteration on {res['device']} x{res['n_devices']} (mesh {res['mesh']}): {res['model']}, pop {res['pop']}, "
           f"n_train {res['n_train']}, {res['new_tokens']} new tokens (fixed), prompt {res['prompt_len']}")
     print("| method | generate s | reward s | update s | s / iteration | vs seed 164 s |")
