@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     cast = es.CastFn(jnp.float32)
     outs = {}
     for name, mesh in (("sharded", None), ("single", False)):
-        out, rk, t, m, _ = es.np_generate(params, cfg, tokens, mask, mkeys, scales, jax.random.key(2), gkw, cast,
+        out, rk, t, m = es.np_generate(params, cfg, tokens, mask, mkeys, scales, jax.random.key(2), gkw, cast,
                                        mesh=mesh)
         outs[name] = (np.asarray(out.tokens), np.asarray(out.mask), rk, t, m)
     a, b = outs["sharded"], outs["single"]

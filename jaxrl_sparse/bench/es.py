@@ -80,9 +80,9 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
         t0 = time.perf_counter()
         if method == "np":
             scales = perturb.np_scales(cfg, np_include, last_k, 0.005)
-            out, rk, pt, pm, _ = es.np_generate(state, cfg, tokens, mask, mkeys, scales, kg, gkw, cast, mesh=msh,
-                                                capture_layer=es.np_capture_layer(cfg, np_include, last_k, np_capture),
-                                                noise_in_prompt=np_noise_prompt)
+            out, rk, pt, pm = es.np_generate(state, cfg, tokens, mask, mkeys, scales, kg, gkw, cast, mesh=msh,
+                                             capture_layer=es.np_capture_layer(cfg, np_include, last_k, np_capture),
+                                             noise_in_prompt=np_noise_prompt)
             gt, gm = jax.block_until_ready((out.tokens, out.mask))
         elif method == "lowrank":
             lr = es.LowRankFn(perturb.lowrank_paths(state, ""), rank, cdt)
@@ -104,14 +104,10 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
                                cdt)
             gt, gm = parallel.to_host((gt, gm))
             row_coef = np.repeat(np.asarray(z * alpha / (pop * 0.005), np.float32), n_train)
-            toks = np.concatenate([np.asarray(pt), gt], 1)
-            msk = np.concatenate([np.asarray(pm).astype(bool), gm.astype(bool)], 1)
-            contrib = np.asarray(es_math.np_contrib_mask(pm, gm, prompt=np_noise_prompt))
-            rows = parallel.put_batch((toks, msk, contrib, np.asarray(rk), row_coef), msh)
-            hidden = None if out.hidden is None else parallel.put_batch(out.hidden, msh)
-            start = None if np_noise_prompt else parallel.put_batch(np.asarray(pm).sum(1).astype(np.int32), msh)
-            delta = fn(state, *rows, scales, hidden, start)
-            del out, hidden
+            toks, msk, contrib, start = es.np_replay_rows(pt, pm, gt, gm, np_noise_prompt)
+            rows = parallel.put_batch((toks, msk, contrib, np.asarray(rk), row_coef, out.hidden, start), msh)
+            delta = fn(state, *rows[:5], scales, *rows[5:])
+            del out, rows
             state = jax.jit(es_math.apply_delta, donate_argnums=(0,), out_shardings=layout.tree)(state, delta)
         elif method == "lowrank":
             state = es._lowrank_update_fn(alpha, lr.paths, rank, layout)(state, mkeys, jnp.asarray(z))

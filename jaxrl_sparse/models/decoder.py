@@ -106,17 +106,22 @@ def act_noise_value(key_data, site: int, layer, positions, dim: int, dtype=jnp.f
     return jax.vmap(lambda k: jax.random.normal(k, (dim,), dtype))(keys)
 
 
-def _add_noise(noise: Optional[ActNoise], site: str, layer, scale, y, positions):
-    """y [B, T, dim] + scale * eps (no-op when noise is None or the site is statically inactive)."""
-    if noise is None or not noise.is_active(site, layer):
-        return y
-    eps = jax.vmap(lambda kd, pos: act_noise_value(kd, NOISE_SITES[site], layer, pos, y.shape[-1]))(
-        noise.keys, positions)
+def noise_eps(noise: ActNoise, site: str, layer, positions, dim: int):
+    """Row b's unscaled noise [B, T, dim] float32 at `site`: act_noise_value of its key, zero before
+    noise.start[b], times noise.sign[b]. The one definition generation and the ES replay share."""
+    eps = jax.vmap(lambda kd, pos: act_noise_value(kd, NOISE_SITES[site], layer, pos, dim))(noise.keys, positions)
     if noise.start is not None:
         eps = eps * (positions >= noise.start[:, None])[..., None]
     if noise.sign is not None:
         eps = eps * noise.sign.astype(jnp.float32)[:, None, None]
-    return (y.astype(jnp.float32) + scale * eps).astype(y.dtype)
+    return eps
+
+
+def _add_noise(noise: Optional[ActNoise], site: str, layer, scale, y, positions):
+    """y [B, T, dim] + scale * eps (no-op when noise is None or the site is statically inactive)."""
+    if noise is None or not noise.is_active(site, layer):
+        return y
+    return (y.astype(jnp.float32) + scale * noise_eps(noise, site, layer, positions, y.shape[-1])).astype(y.dtype)
 
 
 def _dt(name: str):

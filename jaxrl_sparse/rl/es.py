@@ -247,8 +247,8 @@ def np_generate(params, mcfg, tokens, mask, mkeys, scales, key, gkw, params_fn, 
     prefilled once per prompt, not once per member (`generate`'s prefill_shared_layers); with
     noise_in_prompt=False only decode steps carry noise and all blocks but the last are shared.
     signs [N] (None = all +1): member n's rows get sign_n times its noise (antithetic pairs share a
-    seed); the row signs are returned as the 5th element (None when signs is None).
-    Returns (GenerateOutput [N*M], row_keys [N*M, 2], tokens [N*M, P], mask [N*M, P], row signs).
+    seed; the replay needs the same row signs: `np.repeat(signs, M)`).
+    Returns (GenerateOutput [N*M], row_keys [N*M, 2], tokens [N*M, P], mask [N*M, P]).
     """
     from jaxrl_sparse.generate import generate
     N, M = mkeys.shape[0], tokens.shape[0]
@@ -258,7 +258,20 @@ def np_generate(params, mcfg, tokens, mask, mkeys, scales, key, gkw, params_fn, 
     out = generate(params, mcfg, t, m, key, noise=ActNoise(rk, *scales, sign=row_signs), params_fn=params_fn,
                    mesh=mesh, capture_layer=capture_layer, prefill_shared_layers=mcfg.num_layers,
                    noise_in_prompt=noise_in_prompt, **gkw)
-    return out, rk, t, m, row_signs
+    return out, rk, t, m
+
+
+def np_replay_rows(prompt_tokens, prompt_mask, tokens, mask, noise_in_prompt: bool = True):
+    """Host arrays of an NP replay from a generation: (tokens [R, P+N], mask, contrib, noise_start).
+
+    noise_start: None, or each row's prompt length when generation ran with noise_in_prompt=False
+    (positions are cumsum(mask) - 1, so the response starts there); contrib then leaves out the prompt."""
+    pm = np.asarray(prompt_mask).astype(bool)
+    seq = np.concatenate([np.asarray(prompt_tokens), np.asarray(tokens)], axis=1)
+    seq_mask = np.concatenate([pm, np.asarray(mask).astype(bool)], axis=1)
+    contrib = np.asarray(es_math.np_contrib_mask(pm, mask, prompt=noise_in_prompt))
+    start = None if noise_in_prompt else pm.sum(axis=1).astype(np.int32)
+    return seq, seq_mask, contrib, start
 
 
 def lowrank_generate(params, mcfg, tokens, mask, mkeys, sigma, key, gkw, lr_fn: LowRankFn, mesh=None,
@@ -635,7 +648,7 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
             g_mask = np.concatenate([h[1] for h in host])
             rk = np.concatenate([np.asarray(p[1]) for p in parts])
             ptok, pmask = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
-            row_signs = np.concatenate([p[4] for p in parts]) if ecfg.antithetic else None
+            row_signs = np.repeat(np.asarray(signs, np.float32), M) if ecfg.antithetic else None
         elif ecfg.wp_rank > 0:
             outs = [lowrank_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys[c], sigma,
                                      jax.random.fold_in(kg, i), gkw, lr_fn, mesh=row_mesh(len(mkeys[c]) * M),
@@ -659,11 +672,7 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
             z_rows = (np.repeat(z, M) if ecfg.np_credit == "member"      # the replay applies the signs
                       else np.asarray(es_math.row_advantages(per_row)).reshape(-1))
             row_coef = np.asarray(z_rows * ecfg.alpha / (N * sigma), np.float32)
-            tokens = np.concatenate([ptok, g_tok], axis=1)
-            mask = np.concatenate([np.asarray(pmask).astype(bool), np.asarray(g_mask).astype(bool)], axis=1)
-            contrib = np.asarray(es_math.np_contrib_mask(pmask, g_mask, prompt=ecfg.np_noise_prompt))
-            # positions are cumsum(mask) - 1: a row's response starts at its prompt length
-            start = None if ecfg.np_noise_prompt else np.asarray(pmask, bool).sum(axis=1).astype(np.int32)
+            tokens, mask, contrib, start = np_replay_rows(ptok, pmask, g_tok, g_mask, ecfg.np_noise_prompt)
             rows_in = (tokens, mask, contrib, rk, row_coef, hidden, start, row_signs)
             rows_in = parallel.put_batch(rows_in, mesh) if row_mesh(len(tokens)) is not False else rows_in
             delta = replay(state["params"], *rows_in[:5], scales, *rows_in[5:])   # per-row sums all-reduced by XLA

@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxrl_sparse import tree as tree_lib
 from jaxrl_sparse.models.config import ModelConfig
-from jaxrl_sparse.models.decoder import NOISE_SITES, ActNoise, act_noise_value, forward, init_cache
+from jaxrl_sparse.models.decoder import ActNoise, forward, init_cache, noise_eps
 from jaxrl_sparse.transforms import perturb
 
 
@@ -113,14 +113,10 @@ def _inject_bwd(ct, g):
 _inject.defvjp(_inject_fwd, _inject_bwd)
 
 
-def _site_noise(keys, site: int, layer, positions, dim: int):
-    """eps [R, T, dim] exactly as decoder.py regenerates it (same keys, site, layer, positions)."""
-    return jax.vmap(lambda kd, pos: act_noise_value(kd, site, layer, pos, dim))(keys, positions)
-
-
-def _replay_interceptor(row_keys, positions, weights, layer_on):
+def _replay_interceptor(noise: ActNoise, positions, weights, layer_on):
     """Dense hook for the replay: every Dense input is stop-gradient'ed (so a kernel's gradient is
-    only its direct x^T ct term) and o_proj / down_proj outputs get ct = weights * eps injected.
+    only its direct x^T ct term) and o_proj / down_proj outputs get ct = weights * eps injected, eps
+    the row's noise as generation drew it (`decoder.noise_eps`: start and sign included).
 
     weights [R, T] = coef_row * contrib mask; layer_on: {site: [L] bool} (sites being updated).
     """
@@ -139,7 +135,7 @@ def _replay_interceptor(row_keys, positions, weights, layer_on):
         if site is None or site not in layer_on:
             return y
         layer = tracker.layer
-        eps = _site_noise(row_keys, NOISE_SITES[site], layer, positions, y.shape[-1])
+        eps = noise_eps(noise, site, layer, positions, y.shape[-1])
         w = weights * layer_on[site][layer].astype(jnp.float32)
         return _inject(y, (w[..., None] * eps).astype(y.dtype))
 
@@ -181,7 +177,7 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
     noise_start [R] int (generation with noise_in_prompt=False): row r's noise starts at position
     noise_start[r] (its prompt length), as in generation; contrib must then exclude the prompt.
     noise_sign [R] float (antithetic NP pairs): row r's noise was sign_r eps; the replay uses the same
-    and the update is sum row_coef sign x^T eps (fold z, not the sign, into row_coef).
+    signed noise (`decoder.noise_eps`), so row_coef carries z, not the sign.
     """
     L = cfg.num_layers
     j0 = 0
@@ -209,8 +205,6 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
         raise ValueError(f"rows {R} not divisible by micro batch {mb}")
     positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
     weights = contrib.astype(jnp.float32) * row_coef[:, None].astype(jnp.float32)
-    if noise_sign is not None:   # the injected eps below is unsigned: the row's sign goes into its weight
-        weights = weights * noise_sign[:, None].astype(jnp.float32)
     attn_s, mlp_s, head_s = scales
 
     def cast(tree):
@@ -218,10 +212,9 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
             return tree
         return {p: x.astype(compute_dtype) for p, x in tree.items()}
 
-    def surrogate(sel_, tok, msk, pos, w, keys, cache, h0, n0, sg):
+    def surrogate(sel_, tok, msk, pos, w, noise, cache, h0):
         full = tree_lib.unflatten({**cast(rest), **cast(sel_)})
-        noise = ActNoise(keys, attn_s, mlp_s, head_s, start=n0, sign=sg)
-        with _replay_interceptor(keys, pos, w, layer_on):
+        with _replay_interceptor(noise, pos, w, layer_on):
             out = forward(full, cfg, tok, msk, positions=pos, cache=cache, noise=noise,
                           compute_logits=False, start_layer=j0, start_hidden=h0)
         # the value is 0; the gradient is the injected x^T ct of every site
@@ -231,16 +224,17 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
 
     def micro(acc, xs):
         tok, msk, pos, w, keys, start, n0, sg = xs
+        noise = ActNoise(keys, attn_s, mlp_s, head_s, start=n0, sign=sg)
         cache = init_cache(cfg, tok.shape[0], S, layers=L - j0)
         for s0 in range(0, S, tok_chunk):
             sl = slice(s0, min(S, s0 + tok_chunk))
-            g, (cache, hidden) = grad_fn(sel, tok[:, sl], msk[:, sl], pos[:, sl], w[:, sl], keys, cache,
-                                         None if start is None else start[:, sl], n0, sg)
+            g, (cache, hidden) = grad_fn(sel, tok[:, sl], msk[:, sl], pos[:, sl], w[:, sl], noise, cache,
+                                         None if start is None else start[:, sl])
             cache = jax.lax.stop_gradient(cache)
             acc = {p: acc[p] + (g[p].astype(jnp.float32) if p in g else 0.0) for p in acc}
             if head_path is not None:
                 V = (flat[head_path].shape[0] if cfg.tie_embeddings else flat[head_path].shape[1])
-                eps = _site_noise(keys, NOISE_SITES["head"], 0, pos[:, sl], V)
+                eps = noise_eps(noise, "head", 0, pos[:, sl], V)
                 ct = w[:, sl, None] * eps * (head_s > 0)
                 h = hidden.astype(jnp.float32)
                 if cfg.tie_embeddings:
