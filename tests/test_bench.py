@@ -44,3 +44,16 @@ def test_es_bench_small_np_runs(noise_prompt):
     ph = res["methods"]["np"]
     assert res["np_noise_prompt"] == noise_prompt
     assert ph["total_s"] > 0 and ph["generate_s"] > 0 and ph["update_s"] > 0
+
+
+def test_ppo_bench_small_with_update_breakdown():
+    from jaxrl_sparse.bench import ppo as bench_ppo
+    rows = bench_ppo.main(["--settings=small", "--repeats=1", "--breakdown"])
+    row = rows[0]
+    assert row["setting"] == "small" and row["batch"] == 4 and row["mini_batch"] == 2
+    assert row["s_per_iter"] == pytest.approx(row["rollout_s"] + row["reward_s"] + row["update_s"])
+    parts = row["update_parts"]
+    assert set(parts) == {"score", "grad", "optimizer", "mb_step"}
+    assert all(v > 0 for v in parts.values())
+    with pytest.raises(UserError, match="unknown 'nope'"):
+        bench_ppo.main(["--settings=nope"])

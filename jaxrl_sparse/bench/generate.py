@@ -118,13 +118,15 @@ def bench_one(model: str, batch: int, prompt_len: int, new_tokens: int, dtype: s
                 * cfg.head_dim * itemsize)
     roof_step = (w_bytes + kv_bytes) / copy_bw
     peak = common.peak_memory_bytes()
+    from jaxrl_sparse.models.decoder import decode_attention_impl
+    decode_attention = decode_attention_impl(cfg, 1, prompt_len + new_tokens + steps_per_sync)  # the cache's slots
     row = dict(model=model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, dtype=dtype,
                tokens_per_s=batch * new_tokens / total, total_s=total, ms_per_step=step * 1e3,
                prefill_ms=pre * 1e3, compile_s=max(t["first_s"] - total, 0.0),
                peak_mem_gib=None if peak is None else peak / 2 ** 30, weight_gib=w_bytes / 2 ** 30,
                kv_gib=kv_bytes / 2 ** 30, copy_tb_s=copy_bw / 1e12, roofline_ms_per_step=roof_step * 1e3,
                roofline_frac=roof_step / step, top_k=TOP_K, layer_unroll=layer_unroll, steps_per_sync=steps_per_sync,
-               layer_loop=layer_loop, **common.device_info())
+               layer_loop=layer_loop, attention=decode_attention, **common.device_info())
     del params, out
     if hf:
         h = bench_hf(cfg, batch, prompt_len, new_tokens, dtype, repeats, seed)

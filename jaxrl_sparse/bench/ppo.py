@@ -28,9 +28,10 @@ SETTINGS = {
 
 
 def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed: int = 0, mesh: str = "",
-                  per_device_batch: int = 0) -> Dict[str, Any]:
+                  per_device_batch: int = 0, breakdown: bool = False) -> Dict[str, Any]:
     """mesh: 'data:N,fsdp:M' ('' = all devices on data). per_device_batch > 0: the batch is this
-    many rows per device (weak scaling), mini-batches keep the setting's batch/mini-batch ratio."""
+    many rows per device (weak scaling), mini-batches keep the setting's batch/mini-batch ratio.
+    breakdown: also time the update's parts alone (`update_parts`)."""
     from jaxrl_sparse import parallel
     from jaxrl_sparse.generate import generate
     from jaxrl_sparse.models import classifier as clf
@@ -97,14 +98,14 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
         state, stats = update_fn(state, batch, kk, None)
         jax.block_until_ready(stats)
         t3 = time.perf_counter()
-        return state, (t1 - t0, t2 - t1, t3 - t2)
+        return state, (t1 - t0, t2 - t1, t3 - t2), (tokens, mask, batch)
 
     t = time.perf_counter()
-    state, _ = iteration(0, state)  # compile
+    state, _, _ = iteration(0, state)  # compile
     compile_s = time.perf_counter() - t
     times = []
     for i in range(repeats):
-        state, ph = iteration(i + 1, state)
+        state, ph, last = iteration(i + 1, state)
         times.append(ph)
     rollout, rew, upd = (float(np.median([x[j] for x in times])) for j in range(3))
     peak_mem = [peak_memory_bytes(d) or 0 for d in msh.local_devices]
@@ -118,7 +119,40 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
            "per_device_batch": B // n_rows,
            "peak_mem_gb": max(peak_mem) / 1e9, "peak_mem_gb_per_device": [m / 1e9 for m in peak_mem],
            **device_info()}
+    if breakdown:
+        row["update_parts"] = update_parts(state, ref, last, mcfg, key, Q, score_fn, repeats)
     return row
+
+
+def update_parts(state, ref, last, mcfg, pcfg, Q: int, score_fn, repeats: int = 3) -> Dict[str, float]:
+    """Seconds of the update's parts, each jitted and timed alone (median of `repeats` after a warm-up).
+
+    score: the policy + reference pass over the batch; grad: value and gradient of the PPO loss on
+    one mini-batch; optimizer: one optimizer step (donated state); mb_step: one whole mini-batch
+    step (`ppo.minibatch_step`, the scanned update's body without its early-stopping select).
+    score + steps x mb_step vs the measured update shows what the scan adds.
+    """
+    from jaxrl_sparse.bench.common import time_calls
+    from jaxrl_sparse.rl import ppo
+    tokens, mask, batch = last
+    mbatch = jax.tree_util.tree_map(lambda x: x[:pcfg.mini_batch_size], batch)
+    loss_fn = ppo.make_loss_fn(mcfg, pcfg, Q)
+    optimizer = ppo.make_optimizer(pcfg)
+    grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    opt_step = jax.jit(lambda st, g: ppo.apply_grads(optimizer, st, g), donate_argnums=(0,))
+    mb_step = jax.jit(lambda st: ppo.minibatch_step(loss_fn, optimizer, st, mbatch)[0], donate_argnums=(0,))
+    out = {"score": time_calls(lambda: score_fn(state["trainable"], ref, tokens, mask, pcfg), repeats)["median_s"]}
+    out["grad"] = time_calls(lambda: grad(state["trainable"], mbatch), repeats)["median_s"]
+    g = grad(state["trainable"], mbatch)[1]
+    box = [state]
+
+    def run(f, *a):  # steps the donated state
+        box[0] = f(box[0], *a)
+        return box[0]
+
+    out["optimizer"] = time_calls(lambda: run(opt_step, g), repeats)["median_s"]
+    out["mb_step"] = time_calls(lambda: run(mb_step), repeats)["median_s"]
+    return out
 
 
 
@@ -132,13 +166,16 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     _f.DEFINE_string("mesh", "", "device mesh 'data:N,fsdp:M' ('' = all visible devices on data)", flag_values=fv)
     _f.DEFINE_integer("per_device_batch", 0, "rows per device (weak scaling); 0 = the setting's global batch",
                       flag_values=fv)
+    _f.DEFINE_bool("breakdown", False, "also time the update's parts alone: score pass, one mini-batch "
+                   "gradient, one optimizer step, one mini-batch step", flag_values=fv)
     fv(["bench ppo"] + list(argv or []))
     rows = []
     for s in fv.settings:
         if s not in SETTINGS:
             from jaxrl_sparse.errors import UserError
             raise UserError(f"--settings: unknown {s!r}; choose {', '.join(SETTINGS)}")
-        row = bench_setting(s, fv.model, fv.repeats, mesh=fv.mesh, per_device_batch=fv.per_device_batch)
+        row = bench_setting(s, fv.model, fv.repeats, mesh=fv.mesh, per_device_batch=fv.per_device_batch,
+                            breakdown=fv.breakdown)
         rows.append(row)
         append_jsonl(fv.out or None, {"bench": "ppo", **row})
     print(markdown_table(rows, [("setting", "setting"), ("batch", "B"), ("mini_batch", "mb"),
@@ -149,4 +186,10 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                                 ("speedup", "× TRL"), ("first_iter_s", "1st iter (compile) s"),
                                 ("peak_mem_gb", "peak GB/device"), ("n_devices", "devices"),
                                 ("device", "device")]))
+    for row in rows:
+        if "update_parts" in row:
+            n = row["epochs"] * row["batch"] // row["mini_batch"]
+            parts = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in row["update_parts"].items())
+            print(f"{row['setting']}: update {1e3 * row['update_s']:.1f} ms = score + {n} mini-batch steps; "
+                  f"alone: {parts}")
     return rows

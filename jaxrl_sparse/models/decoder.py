@@ -20,6 +20,8 @@ Conventions
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 from typing import Any, Dict, NamedTuple, Optional
@@ -174,9 +176,45 @@ def _act(cfg: ModelConfig, x):
     return jax.nn.gelu(x, approximate=True)
 
 
-# 'xla' (default) | 'cudnn': one fused cuDNN kernel for single-token (decode) attention on GPUs.
-# Opt-in: +6-16% decode tok/s on an H200 (BENCHMARKS.md), not yet checked against 'xla' on a GPU.
-ATTENTION_IMPL = os.environ.get("JAXRL_ATTENTION", "xla")
+# 'auto' (default) | 'xla' | 'cudnn': how single-token (decode) attention runs. 'cudnn' is one fused
+# cuDNN kernel (`jax.nn.dot_product_attention`); 'auto' uses it on CUDA GPUs (compute capability >= 8)
+# for caches of at least CUDNN_MIN_SLOTS slots, where it measured faster (BENCHMARKS.md: +2-10%
+# at 324-388 slots, -14% at 44 slots on an H100), and the XLA path everywhere else (CPUs included).
+ATTENTION_IMPL = os.environ.get("JAXRL_ATTENTION", "auto")
+CUDNN_MIN_SLOTS = 256
+_XLA_ONLY = contextvars.ContextVar("jaxrl_xla_attention_only", default=False)
+
+
+@contextlib.contextmanager
+def xla_attention():
+    """Attention traced inside this block takes the XLA path whatever ATTENTION_IMPL says.
+
+    For programs vmapped over a decode (full-rank ES groups): JAX 0.11.2's batching rule of the
+    cuDNN attention fails on a mask ("cannot reshape array of shape (2, 8, 1, 1, 300)")."""
+    token = _XLA_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _XLA_ONLY.reset(token)
+
+
+def _cuda_capable() -> bool:
+    d = jax.devices()[0]
+    cc = getattr(d, "compute_capability", None)  # CUDA devices only, e.g. '9.0'
+    try:
+        return d.platform == "gpu" and cc is not None and float(cc) >= 8.0
+    except (TypeError, ValueError):
+        return False
+
+
+def decode_attention_impl(cfg: ModelConfig, T: int, slots: int) -> str:
+    """'cudnn' or 'xla' for a query of T tokens over a cache of `slots` slots (see ATTENTION_IMPL)."""
+    if T != 1 or cfg.attn_logit_softcap or ATTENTION_IMPL == "xla" or _XLA_ONLY.get():
+        return "xla"
+    if ATTENTION_IMPL == "cudnn":
+        return "cudnn"
+    ok = slots >= CUDNN_MIN_SLOTS and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
+    return "cudnn" if ok and _cuda_capable() else "xla"
 
 
 def attention(cfg: ModelConfig, q, keys, vals, mask):
@@ -186,13 +224,13 @@ def attention(cfg: ModelConfig, q, keys, vals, mask):
     dims b, k) then read the cache as it lies, where a slot-major cache [B, S, K, hd] made XLA
     transpose every layer's whole cache at every decode step.
 
-    softmax(q·kᵀ · attn_scale [softcapped], masked) · v with fp32 scores. 'cudnn' (JAXRL_ATTENTION=cudnn)
-    calls `jax.nn.dot_product_attention(implementation='cudnn')`, one fused kernel, for decode steps
-    (T == 1: every query row sees at least one key) of models without an attention softcap.
+    softmax(q·kᵀ · attn_scale [softcapped], masked) · v with fp32 scores. Decode steps (T == 1: every
+    query row sees at least one key) of models without an attention softcap may instead call
+    `jax.nn.dot_product_attention(implementation='cudnn')`, one fused kernel (`decode_attention_impl`).
     """
     B, T, H, hd = q.shape
     K = keys.shape[1]
-    if ATTENTION_IMPL == "cudnn" and T == 1 and not cfg.attn_logit_softcap:
+    if decode_attention_impl(cfg, T, keys.shape[2]) == "cudnn":
         keys, vals = keys.transpose(0, 2, 1, 3), vals.transpose(0, 2, 1, 3)   # cuDNN takes [B, S, K, hd]
         return jax.nn.dot_product_attention(q, keys.astype(q.dtype), vals.astype(q.dtype),
                                             mask=mask[:, None], scale=cfg.attn_scale, implementation="cudnn")

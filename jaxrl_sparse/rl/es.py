@@ -344,11 +344,13 @@ def _grouped_sampler(mcfg, spec, pfn: PerturbFn, mesh):
     the noise into the cast: 60 MB of temporaries per 12 MB bf16 copy on CPU). jit's cache keys on G.
     """
     from jaxrl_sparse.generate import _decode_fn
+    from jaxrl_sparse.models.decoder import xla_attention
     run = _decode_fn(mcfg, spec, None, mesh)
 
     def group(params, kd, signs, tokens, mask, key, stops):
         pp = jax.lax.map(lambda ks: pfn({"model": params, "key": ks[0], "sign": ks[1]}), (kd, signs))
-        return jax.vmap(run, in_axes=(0, None, None, None, None, None))(pp, tokens, mask, key, None, stops)
+        with xla_attention():  # cuDNN attention does not batch under vmap (decoder.xla_attention)
+            return jax.vmap(run, in_axes=(0, None, None, None, None, None))(pp, tokens, mask, key, None, stops)
     return jax.jit(group)
 
 

@@ -221,6 +221,40 @@ def compile_key(pcfg: PPOConfig) -> PPOConfig:
                                prompts_file="", n_prompts=0)
 
 
+def make_loss_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int):
+    """(trainable, mini-batch) -> (PPO loss, stats): the function each mini-batch step differentiates."""
+
+    def loss_fn(trainable, mbatch):
+        pol = policy_params(trainable, pcfg)
+        lp, v, logits = response_outputs(pol, trainable["value_head"], mcfg, mbatch["tokens"],
+                                         mbatch["mask"], Q)
+        return pm.ppo_loss(mbatch["logprobs"], mbatch["values"], lp, v, mbatch["advantages"],
+                           mbatch["returns"], mbatch["resp_mask"], cliprange=pcfg.cliprange,
+                           cliprange_value=pcfg.cliprange_value, vf_coef=pcfg.vf_coef,
+                           ratio_threshold=pcfg.ratio_threshold, logits=logits)
+
+    return loss_fn
+
+
+def apply_grads(optimizer: optax.GradientTransformation, state, grads, grad_mask=None):
+    """One optimizer step on {'trainable', 'opt_state'}; grad_mask (like the model) zeroes gradients."""
+    if grad_mask is not None:
+        grads = {**grads, "model": jax.tree_util.tree_map(
+            lambda g, m: g * m.astype(g.dtype), grads["model"], grad_mask)}
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+    trainable = optax.apply_updates(state["trainable"], updates)
+    # keep storage dtypes (bf16 params stay bf16: the rounding users study)
+    trainable = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), trainable, state["trainable"])
+    return {"trainable": trainable, "opt_state": opt_state}
+
+
+def minibatch_step(loss_fn, optimizer: optax.GradientTransformation, state, mbatch, grad_mask=None):
+    """One PPO mini-batch step: loss and gradient, then the optimizer. Returns (new state, stats)."""
+    (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"], mbatch)
+    stats["ppo/grad_norm"] = optax.global_norm(grads)
+    return apply_grads(optimizer, state, grads, grad_mask), stats
+
+
 @functools.lru_cache(maxsize=8)
 def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
                    layout: Optional[parallel.Layout] = None, masked: bool = False):
@@ -235,37 +269,17 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
     B, mb = pcfg.batch_size, pcfg.mini_batch_size
     n_mb = B // mb
     optimizer = make_optimizer(pcfg)
-
-    def loss_fn(trainable, mbatch):
-        pol = policy_params(trainable, pcfg)
-        lp, v, logits = response_outputs(pol, trainable["value_head"], mcfg, mbatch["tokens"],
-                                         mbatch["mask"], Q)
-        return pm.ppo_loss(mbatch["logprobs"], mbatch["values"], lp, v, mbatch["advantages"],
-                           mbatch["returns"], mbatch["resp_mask"], cliprange=pcfg.cliprange,
-                           cliprange_value=pcfg.cliprange_value, vf_coef=pcfg.vf_coef,
-                           ratio_threshold=pcfg.ratio_threshold, logits=logits)
-
-    def apply_grads(state, grads, grad_mask):
-        if grad_mask is not None:
-            grads = {**grads, "model": jax.tree_util.tree_map(
-                lambda g, m: g * m.astype(g.dtype), grads["model"], grad_mask)}
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
-        trainable = optax.apply_updates(state["trainable"], updates)
-        # keep storage dtypes (bf16 params stay bf16: the rounding users study)
-        trainable = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), trainable, state["trainable"])
-        return {"trainable": trainable, "opt_state": opt_state}
+    loss_fn = make_loss_fn(mcfg, pcfg, Q)
 
     def update(state, batch, key, grad_mask):
         def mb_step(carry, xs):
             idx, epoch_end = xs
             state, stop = carry
             mbatch = parallel.constrain_batch(jax.tree_util.tree_map(lambda x: x[idx], batch), mesh)
-            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"], mbatch)
-            stats["ppo/grad_norm"] = optax.global_norm(grads)
+            stepped, stats = minibatch_step(loss_fn, optimizer, state, mbatch, grad_mask)
             # a select, not lax.cond: a GPU conditional reads its predicate on the host (a stream
             # sync per mini-batch); the select fuses into the optimizer's elementwise update
-            new_state = jax.tree_util.tree_map(lambda o, n: jnp.where(stop, o, n), state,
-                                               apply_grads(state, grads, grad_mask))
+            new_state = jax.tree_util.tree_map(lambda o, n: jnp.where(stop, o, n), state, stepped)
             stats["ppo/applied"] = 1.0 - stop.astype(jnp.float32)
             if pcfg.early_stopping:  # TRL checks at the end of each epoch, on its last mini-batch
                 stop = stop | (epoch_end & (stats["policy/policykl"] > 1.5 * pcfg.target_kl))
