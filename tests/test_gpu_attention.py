@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxrl_sparse.errors import UserError
 from jaxrl_sparse.models import decoder
 from jaxrl_sparse.models.config import preset
 
@@ -30,6 +31,9 @@ def test_attention_impl_choice(monkeypatch):
     assert decoder.decode_attention_impl(cfg, 1, 1000) == "cudnn"
     monkeypatch.setattr(decoder, "ATTENTION_IMPL", "xla")
     assert decoder.decode_attention_impl(cfg, 1, 1000) == "xla"
+    monkeypatch.setattr(decoder, "ATTENTION_IMPL", "cuDNN")
+    with pytest.raises(UserError, match="JAXRL_ATTENTION='cuDNN': choose auto, xla or cudnn"):
+        decoder.decode_attention_impl(cfg, 1, 1000)
     monkeypatch.setattr(decoder, "ATTENTION_IMPL", "auto")
     assert decoder.decode_attention_impl(cfg, 1, decoder.CUDNN_MIN_SLOTS - 1) == "xla"
     want = "cudnn" if decoder._cuda_capable() else "xla"                 # CPUs: always XLA

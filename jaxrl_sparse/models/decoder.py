@@ -209,6 +209,9 @@ def _cuda_capable() -> bool:
 
 def decode_attention_impl(cfg: ModelConfig, T: int, slots: int) -> str:
     """'cudnn' or 'xla' for a query of T tokens over a cache of `slots` slots (see ATTENTION_IMPL)."""
+    if ATTENTION_IMPL not in ("auto", "xla", "cudnn"):
+        from jaxrl_sparse.errors import UserError
+        raise UserError(f"JAXRL_ATTENTION={ATTENTION_IMPL!r}: choose auto, xla or cudnn (or leave it unset)")
     if T != 1 or cfg.attn_logit_softcap or ATTENTION_IMPL == "xla" or _XLA_ONLY.get():
         return "xla"
     if ATTENTION_IMPL == "cudnn":
