@@ -50,7 +50,7 @@ def tiny_lm_dir(tmp_path_factory, smollm2_tokenizer):
 # files follow in their usual order. (xdist's `loadgroup` does not group on pytest 9.2: xdist #1386.)
 SLOW_FILES_FIRST = ("test_parallel.py", "test_ppo.py", "test_np_capture.py", "test_es.py", "test_generate.py",
                     "test_smollm2.py", "test_es_multidevice.py", "test_grpo.py", "test_models_parity.py",
-                    "test_analysis.py", "test_score.py", "test_lora.py", "test_score_analyze_mesh.py",
+                    "test_analysis.py", "test_score.py", "test_lora.py", "test_score_analyze_mesh.py", "test_bench.py",
                     "test_ranks_methods.py", "test_classifier.py", "test_hub.py")
 
 
