@@ -111,6 +111,13 @@ def _eos_array(eos: Tuple[int, ...]) -> np.ndarray:
     return np.asarray(tuple(eos) + (-1,) * (n - len(eos)), np.int32)
 
 
+def cache_slots(prompt_len: int, max_new_tokens: int, steps_per_sync: int) -> int:
+    """KV-cache slots of one decode: the (bucketed) prompt, the new tokens and steps_per_sync spare
+    slots (the last loop iteration may overrun; masked). Decode attention is chosen on this size
+    (`decoder.decode_attention_impl`)."""
+    return prompt_len + max_new_tokens + steps_per_sync
+
+
 def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable], mesh: Optional[Mesh]):
     """The traced program: (params, tokens [B,P], mask [B,P], key, noise, stops) -> GenerateOutput.
 
@@ -135,7 +142,7 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
         B, Pb = tokens.shape
         K = spec.steps_per_sync
         NB = N + K  # buffers/cache get K spare slots: the last iteration may overrun N (masked)
-        cache = init_cache(cfg, B, Pb + NB)
+        cache = init_cache(cfg, B, cache_slots(Pb, N, K))
         kv = P(None, rows)
         cache = dict(cache, k=shard(cache["k"], kv), v=shard(cache["v"], kv),
                      mask=shard(cache["mask"], P(rows)))

@@ -118,8 +118,9 @@ def bench_one(model: str, batch: int, prompt_len: int, new_tokens: int, dtype: s
                 * cfg.head_dim * itemsize)
     roof_step = (w_bytes + kv_bytes) / copy_bw
     peak = common.peak_memory_bytes()
+    from jaxrl_sparse.generate import cache_slots
     from jaxrl_sparse.models.decoder import decode_attention_impl
-    decode_attention = decode_attention_impl(cfg, 1, prompt_len + new_tokens + steps_per_sync)  # the cache's slots
+    decode_attention = decode_attention_impl(cfg, 1, cache_slots(prompt_len, new_tokens, steps_per_sync))
     row = dict(model=model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, dtype=dtype,
                tokens_per_s=batch * new_tokens / total, total_s=total, ms_per_step=step * 1e3,
                prefill_ms=pre * 1e3, compile_s=max(t["first_s"] - total, 0.0),
