@@ -328,6 +328,25 @@ def test_fullrank_grouped_decode_equals_sequential(params):
         np.testing.assert_array_equal(got[1], seq[1])
 
 
+def test_fullrank_grouped_decode_traces_xla_attention(params, monkeypatch):
+    """The vmapped group decode runs under decoder.xla_attention(): with cuDNN forced (which neither a
+    CPU nor JAX 0.11.2's vmap of the cuDNN call can run) it still decodes, with XLA's tokens."""
+    from jaxrl_sparse.models import decoder
+    from jaxrl_sparse.rl import es
+    cfg = CFG.replace(eos_token_id=1, pad_token_id=0)
+    tokens = np.array([[0, 5, 6, 7], [9, 8, 7, 6]], np.int32)
+    mask = np.ones_like(tokens)
+    mkeys = es_math.member_keys(jax.random.key(1), np.arange(2, dtype=np.uint32))
+    pfn = es.PerturbFn(0.5, perturb.leaf_paths(params, r"lm_head"), jnp.float32)
+    gkw = dict(max_new_tokens=3, greedy=True, eos_token_id=1, pad_token_id=0)
+    want = es.fullrank_generate(params, cfg, tokens, mask, mkeys, jax.random.key(2), gkw, pfn, mesh=False, group=2)
+    jax.clear_caches()                     # retrace: ATTENTION_IMPL is read at trace time
+    es._grouped_sampler.cache_clear()
+    monkeypatch.setattr(decoder, "ATTENTION_IMPL", "cudnn")
+    got = es.fullrank_generate(params, cfg, tokens, mask, mkeys, jax.random.key(2), gkw, pfn, mesh=False, group=2)
+    np.testing.assert_array_equal(got[0], want[0])
+
+
 def test_fullrank_group_size_from_memory():
     from jaxrl_sparse.errors import UserError
     from jaxrl_sparse.rl.es import ESConfig, auto_fullrank_group, fullrank_group_size, kv_bytes_per_token
