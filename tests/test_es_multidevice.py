@@ -35,8 +35,8 @@ SCRIPT = textwrap.dedent("""
     assert len({a[0][i].tobytes() for i in range(N * M)}) > M   # members really differ
     # rewards: golds chosen from the rollouts so some rows score 1
     golds = ["5", "7"]
-    ra = es.member_rewards(es.char_tokenizer(), a[0], a[1], golds, N)
-    rb = es.member_rewards(es.char_tokenizer(), b[0], b[1], golds, N)
+    ra = es.row_rewards(es.char_tokenizer(), a[0], a[1], golds, N).mean(axis=1)
+    rb = es.row_rewards(es.char_tokenizer(), b[0], b[1], golds, N).mean(axis=1)
     assert np.array_equal(ra, rb)
     # replay update: rows sharded over 'data' vs one device
     coef = jnp.repeat(jnp.array([1.0, -0.5, 0.25, 2.0]), M)
@@ -74,8 +74,8 @@ SCRIPT = textwrap.dedent("""
     assert np.array_equal(f4[0], f1[0]) and np.array_equal(f4[1], f1[1]), (f4[0], f1[0])
     assert len({r.tobytes() for r in f1[0]}) > 4
     golds = ["5", "7", "7", "5"]
-    r4 = es.member_rewards(es.char_tokenizer(), f4[0], f4[1], golds, N)
-    r1 = es.member_rewards(es.char_tokenizer(), f1[0], f1[1], golds, N)
+    r4 = es.row_rewards(es.char_tokenizer(), f4[0], f4[1], golds, N).mean(axis=1)
+    r1 = es.row_rewards(es.char_tokenizer(), f1[0], f1[1], golds, N).mean(axis=1)
     assert np.array_equal(r4, r1)
     z = jnp.asarray(es_math.zscore(r1 + 0.01 * np.arange(N)))
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)

@@ -419,11 +419,6 @@ def row_rewards(tok, tokens, mask, golds, n_members: int) -> np.ndarray:
     return np.asarray(r, np.float32).reshape(n_members, -1)
 
 
-def member_rewards(tok, tokens, mask, golds, n_members: int) -> np.ndarray:
-    """[N] mean exact-match reward per member (`row_rewards` averaged over the member's rows)."""
-    return row_rewards(tok, tokens, mask, golds, n_members).mean(axis=1)
-
-
 def np_micro_members(pop: int, want: int) -> int:
     """Largest divisor of `pop` that is <= want."""
     return max(d for d in range(1, min(pop, want) + 1) if pop % d == 0)

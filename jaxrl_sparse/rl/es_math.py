@@ -248,7 +248,8 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
     acc0 = {p: jnp.zeros(flat[p].shape, jnp.float32) for p in acc_paths}
     split = lambda x: x.reshape((R // mb, mb) + x.shape[1:])
     xs = tuple(map(split, (tokens, mask, positions, weights, row_keys)))
-    acc, _ = jax.lax.scan(micro, acc0, xs + tuple(None if x is None else split(x) for x in (start_hidden, noise_start, noise_sign)))
+    optional = (start_hidden, noise_start, noise_sign)
+    acc, _ = jax.lax.scan(micro, acc0, xs + tuple(None if x is None else split(x) for x in optional))
     if j0:  # blocks < j0 carry no noise: their update is zero
         acc = {p: (jnp.concatenate([jnp.zeros((j0,) + d.shape[1:], d.dtype), d]) if p.startswith("layers/") else d)
                for p, d in acc.items()}
