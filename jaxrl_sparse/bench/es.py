@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SEED_S_PER_ITER = 164.0   # 30 x 5.47 s (HF generate, batch 64, 256 new tokens, H100)
+SGD = ("sgd", 0.9, 0.999)  # the seed's update (theta += alpha g), as `launch.es --optimizer=sgd`
 
 
 def _rewards_proxy(tokens, mask, n_members: int) -> np.ndarray:
@@ -103,16 +104,16 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
             fn = es._replay_fn(cfg, np_include, last_k, tok_chunk, es.np_micro_members(pop, micro_members) * n_train,
                                cdt)
             gt, gm = parallel.to_host((gt, gm))
-            row_coef = np.repeat(np.asarray(z * alpha / (pop * 0.005), np.float32), n_train)
+            row_coef = np.repeat(np.asarray(z / (pop * 0.005), np.float32), n_train)
             toks, msk, contrib, start = es.np_replay_rows(pt, pm, gt, gm, np_noise_prompt)
             rows = parallel.put_batch((toks, msk, contrib, np.asarray(rk), row_coef, out.hidden, start), msh)
             delta = fn(state, *rows[:5], scales, *rows[5:])
             del out, rows
-            state = jax.jit(es_math.apply_delta, donate_argnums=(0,), out_shardings=layout.tree)(state, delta)
+            state = es._opt_step_fn(alpha, SGD, layout)(state, delta, {})[0]
         elif method == "lowrank":
-            state = es._lowrank_update_fn(alpha, lr.paths, rank, layout)(state, mkeys, jnp.asarray(z))
+            state = es._wp_step_fn(alpha, lr.paths, rank, SGD, layout)(state, {}, mkeys, jnp.asarray(z))[0]
         else:
-            state = es._wp_update_fn(alpha, pfn.paths, layout)(state, mkeys, jnp.asarray(z))
+            state = es._wp_step_fn(alpha, pfn.paths, 0, SGD, layout)(state, {}, mkeys, jnp.asarray(z))[0]
         jax.block_until_ready(state)
         t3 = time.perf_counter()
         return state, {"generate_s": t1 - t0, "reward_s": t2 - t1, "update_s": t3 - t2, "total_s": t3 - t0}

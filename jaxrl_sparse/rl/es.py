@@ -7,7 +7,8 @@ One iteration (`train`):
             sharded over the mesh's 'data' axis; full-rank WP: --gpu_threads members per call (0 = as
             many as fit in memory), vmapped, theta + sigma eps built inside the jit from the fp32 master
   reward    exact numeric match per row, mean per member -> r [N] -> z-score
-  update    WP: theta += alpha/N sum z eps;  NP: replayed sum z eps x^T (es_math.np_replay_delta)
+  update    direction g: WP 1/N sum z eps;  NP the replayed 1/(N sigma) sum z eps x^T
+            (es_math.np_replay_delta); applied by --optimizer: theta += alpha g (sgd, the seed's) or Adam
 Only seeds are stored. Every random choice is a function of (meta_seed, iteration), so a resumed
 run writes the same `reward_history.csv` as an uninterrupted one.
 """
@@ -19,7 +20,7 @@ import functools
 import gc
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,9 @@ class ESConfig:
     # beyond the seed
     wp_rank: int = 0                  # WP: >0 = low-rank perturbations A B^T / sqrt(r) (EGGROLL); population decodes as one batch
     wp_include: str = ""              # WP: regex of perturbed parameters ('' = all for full rank; projections for low rank)
+    optimizer: str = "sgd"            # how the ES direction g is applied: sgd = the seed's theta += alpha g; adam = Adam with learning rate alpha on g (per-coordinate normalised step; momentum averages the estimates of successive iterations, as in Salimans et al. 2017)
+    adam_b1: float = 0.9              # --optimizer=adam: first-moment decay
+    adam_b2: float = 0.999            # --optimizer=adam: second-moment decay
     antithetic: bool = False          # mirrored pairs (+eps, -eps) sharing a seed (pop_size must be even): WP weight noise, NP activation noise
     data: str = "gsm8k"               # gsm8k (hub) | jsonl | generated (offline GSM8K-style problems)
     train_file: str = ""              # JSONL with question/answer per line (data=jsonl)
@@ -115,6 +119,10 @@ class ESConfig:
             raise UserError(f"--antithetic needs an even --pop_size, got {self.pop_size}")
         if self.sigma < 0 or self.alpha < 0 or self.gpu_threads < 0 or self.wp_rank < 0:
             raise UserError("--sigma, --alpha, --gpu_threads and --wp_rank must be >= 0")
+        if self.optimizer not in es_math.OPTIMIZERS:
+            raise UserError(f"--optimizer={self.optimizer!r}; choose one of {', '.join(es_math.OPTIMIZERS)}")
+        if not (0 <= self.adam_b1 < 1 and 0 <= self.adam_b2 < 1):
+            raise UserError(f"--adam_b1 and --adam_b2 must be in [0, 1), got {self.adam_b1}, {self.adam_b2}")
         if self.np_credit not in ("member", "row"):
             raise UserError(f"--np_credit={self.np_credit!r}; choose member or row")
         if m == "np":
@@ -449,16 +457,24 @@ def _replay_fn(mcfg, include, last_k, tok_chunk, micro_rows, cdt):
 
 
 @functools.lru_cache(maxsize=8)
-def _wp_update_fn(alpha, paths, layout: Optional[parallel.Layout] = None):
-    """jit (params, member keys, coefs) -> params; layout: the params' shardings (kept)."""
-    return jax.jit(functools.partial(es_math.wp_update, alpha=alpha, paths=paths), donate_argnums=(0,),
-                   out_shardings=None if layout is None else layout.tree)
+def _wp_step_fn(alpha, paths, rank: int = 0, opt: Tuple = ("sgd", 0.9, 0.999),
+                layout: Optional[parallel.Layout] = None):
+    """jit (params, optimizer state, member keys, coefs) -> (params, state): the WP direction (full
+    rank, or low rank when rank > 0) applied by the ES optimizer opt = (name, b1, b2); layout: the
+    params' shardings (kept)."""
+    def fn(params, state, keys, coefs):
+        g = (es_math.lowrank_delta(params, keys, coefs, paths, rank) if rank
+             else es_math.wp_delta(params, keys, coefs, paths))
+        return es_math.optimizer_step(params, g, state, optimizer=opt[0], alpha=alpha, b1=opt[1], b2=opt[2])
+    return jax.jit(fn, donate_argnums=(0, 1), out_shardings=None if layout is None else (layout.tree, None))
 
 
 @functools.lru_cache(maxsize=8)
-def _lowrank_update_fn(alpha, paths, rank, layout: Optional[parallel.Layout] = None):
-    return jax.jit(functools.partial(es_math.lowrank_update, alpha=alpha, paths=paths, rank=rank),
-                   donate_argnums=(0,), out_shardings=None if layout is None else layout.tree)
+def _opt_step_fn(alpha, opt: Tuple, layout: Optional[parallel.Layout] = None):
+    """jit (params, direction {path: g}, optimizer state) -> (params, state) (the NP update)."""
+    step = lambda params, g, state: es_math.optimizer_step(params, g, state, optimizer=opt[0], alpha=alpha,
+                                                           b1=opt[1], b2=opt[2])
+    return jax.jit(step, donate_argnums=(0, 2), out_shardings=None if layout is None else (layout.tree, None))
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -565,21 +581,25 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
     elif ecfg.wp_rank > 0:
         upd_paths = perturb.lowrank_paths(params, ecfg.wp_include)
         lr_fn = LowRankFn(upd_paths, ecfg.wp_rank, cdt)
-        lr_update = _lowrank_update_fn(ecfg.alpha, upd_paths, ecfg.wp_rank, layout)
     else:
         upd_paths = perturb.leaf_paths(params, ecfg.wp_include)
         pfn = PerturbFn(sigma, upd_paths, cdt)
-        wp_upd = _wp_update_fn(ecfg.alpha, tuple(upd_paths), layout)
         # members per decode call, fixed for the run (one compile): --gpu_threads, 0 = from free memory
         wp_group = ecfg.gpu_threads or auto_fullrank_group(params, mcfg, tr_tok, row_mesh(M), gkw, N, cdt)
         say(f"full-rank WP: {wp_group} members per decode call")
 
-    state = {"params": params}
+    opt = (ecfg.optimizer, ecfg.adam_b1, ecfg.adam_b2)
     if method == "np":
-        flat_sh = tree_flat(param_sh)
-        accum_sh = {p: flat_sh[p] for p in upd_paths}
-        zeros = lambda: parallel.put({p: np.zeros(tree_flat(params)[p].shape, np.float32) for p in upd_paths},
-                                     accum_sh)
+        opt_step = _opt_step_fn(ecfg.alpha, opt, layout)
+    else:
+        wp_step = _wp_step_fn(ecfg.alpha, tuple(upd_paths), ecfg.wp_rank, opt, layout)
+    flat_sh = tree_flat(param_sh)
+    upd_sh = {p: flat_sh[p] for p in upd_paths}   # directions / moments: placed like their parameters
+    zeros = lambda: parallel.put({p: np.zeros(tree_flat(params)[p].shape, np.float32) for p in upd_paths}, upd_sh)
+    state = {"params": params}
+    if ecfg.optimizer != "sgd":  # (sgd has no state; leaving the key out keeps sgd checkpoints as before)
+        state["opt"] = es_math.optimizer_init(ecfg.optimizer, zeros())
+    if method == "np":
         state["np_accum"] = zeros()
 
     # ---- outputs and resume
@@ -668,22 +688,21 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
         if method == "np":
             z_rows = (np.repeat(z, M) if ecfg.np_credit == "member"      # the replay applies the signs
                       else np.asarray(es_math.row_advantages(per_row)).reshape(-1))
-            row_coef = np.asarray(z_rows * ecfg.alpha / (N * sigma), np.float32)
+            row_coef = np.asarray(z_rows / (N * sigma), np.float32)
             tokens, mask, contrib, start = np_replay_rows(ptok, pmask, g_tok, g_mask, ecfg.np_noise_prompt)
             rows_in = (tokens, mask, contrib, rk, row_coef, hidden, start, row_signs)
             rows_in = parallel.put_batch(rows_in, mesh) if row_mesh(len(tokens)) is not False else rows_in
             delta = replay(state["params"], *rows_in[:5], scales, *rows_in[5:])   # per-row sums all-reduced by XLA
             del hidden, rows_in
-            acc = parallel.put({p: state["np_accum"][p] + delta[p] for p in upd_paths}, accum_sh)
+            acc = parallel.put({p: state["np_accum"][p] + delta[p] for p in upd_paths}, upd_sh)
             if (it + 1) % ecfg.np_sync_every == 0 or it + 1 == ecfg.n_iters:
-                state = {"params": parallel.put(es_math.apply_delta(state["params"], acc), param_sh),
-                         "np_accum": zeros()}
+                new_params, new_opt = opt_step(state["params"], acc, state.get("opt", {}))
+                state = {**state, "params": new_params, "np_accum": zeros(), **({"opt": new_opt} if new_opt else {})}
             else:
                 state = {**state, "np_accum": acc}
-        elif ecfg.wp_rank > 0:
-            state = {"params": lr_update(state["params"], mkeys, jnp.asarray(coefs))}
         else:
-            state = {"params": wp_upd(state["params"], mkeys, jnp.asarray(coefs))}
+            new_params, new_opt = wp_step(state["params"], state.get("opt", {}), mkeys, jnp.asarray(coefs))
+            state = {**state, "params": new_params, **({"opt": new_opt} if new_opt else {})}
         jax.block_until_ready(state["params"])
         t3 = time.perf_counter()
         phase_gc()

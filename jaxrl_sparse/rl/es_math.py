@@ -1,14 +1,16 @@
 """Evolution-strategies math: seeds, reward normalisation, WP / low-rank WP / NP-replay updates.
 
 Notation: N members, z_n the z-scored reward of member n, alpha the step size, sigma the noise scale.
-    WP (full or low-rank):   theta <- theta + alpha / N * sum_n z_n eps_n
-    NP (replay):             W     <- W     + alpha / (N sigma) * sum_n z_n sum_t eps_{n,t} x_{n,t}^T
-(kernels here are [in, out], so the NP term is x^T eps). Noise is always regenerated from keys.
+Each method gives an ascent direction g (`wp_delta`, `lowrank_delta`, `np_replay_delta`):
+    WP (full or low-rank):   g = 1 / N * sum_n z_n eps_n
+    NP (replay):             g = 1 / (N sigma) * sum_n z_n sum_t eps_{n,t} x_{n,t}^T
+(kernels here are [in, out], so the NP term is x^T eps), and `optimizer_step` applies it: the seed's
+theta <- theta + alpha g (sgd), or Adam with learning rate alpha. Noise is always regenerated from keys.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -57,9 +59,9 @@ def row_advantages(rewards, eps: float = 1e-8):
     return c / (jnp.sqrt((c * c).mean()) + eps)
 
 
-# ----------------------------------------------------------------------------- WP updates
-def wp_update(params, keys, coefs, alpha: float, paths: Sequence[str]):
-    """theta + alpha / N * sum_n coefs_n eps_n(keys_n) on `paths` (coefs = z * sign), fp32 result.
+# ----------------------------------------------------------------------------- WP update directions
+def wp_delta(params, keys, coefs, paths: Sequence[str]) -> Dict[str, jax.Array]:
+    """{path: 1/N sum_n coefs_n eps_n(keys_n)} in fp32 (coefs = z * sign): the WP step before alpha.
 
     keys [N] typed; the sum regenerates one member's noise at a time (scan), so memory stays at
     one extra copy of the selected leaves.
@@ -74,24 +76,55 @@ def wp_update(params, keys, coefs, alpha: float, paths: Sequence[str]):
 
     acc0 = {p: jnp.zeros(flat[p].shape, jnp.float32) for p in paths}
     acc, _ = jax.lax.scan(body, acc0, (keys, jnp.asarray(coefs, jnp.float32)))
-    out = dict(flat)
-    for p in paths:
-        out[p] = (flat[p].astype(jnp.float32) + (alpha / N) * acc[p]).astype(flat[p].dtype)
-    return tree_lib.unflatten(out)
+    return {p: a / N for p, a in acc.items()}
 
 
-def lowrank_update(params, keys, coefs, alpha: float, paths: Sequence[str], rank: int):
-    """theta + alpha / N * sum_n coefs_n A_n B_n^T / sqrt(r) on the low-rank kernels."""
+def lowrank_delta(params, keys, coefs, paths: Sequence[str], rank: int) -> Dict[str, jax.Array]:
+    """{path: 1/N sum_n coefs_n A_n B_n^T / sqrt(r)} on the low-rank kernels (fp32)."""
     N = coefs.shape[0]
     fac = perturb.population_lowrank_factors(params, keys, paths, rank)
     c = jnp.asarray(coefs, jnp.float32)
-    flat = dict(tree_lib.flatten(params))
+    out = {}
     for p in paths:
         a, b = fac[p]                                   # [N, ..., in, r], [N, ..., out, r]
         d = jnp.einsum("n...ir,n...or->...io", a * c.reshape((N,) + (1,) * (a.ndim - 1)), b)
-        d = d / math.sqrt(rank)
-        flat[p] = (flat[p].astype(jnp.float32) + (alpha / N) * d).astype(flat[p].dtype)
-    return tree_lib.unflatten(flat)
+        out[p] = d / (math.sqrt(rank) * N)
+    return out
+
+
+# ----------------------------------------------------------------------------- the ES optimizer
+OPTIMIZERS = ("sgd", "adam")
+
+
+def optimizer_init(optimizer: str, like: Dict[str, Any]) -> Dict[str, Any]:
+    """State of the ES optimizer for update directions shaped like `like` ({path: array}):
+    sgd keeps none ({}); adam keeps fp32 first / second moments per path and a step count."""
+    if optimizer == "sgd":
+        return {}
+    zeros = lambda: {p: jnp.zeros(x.shape, jnp.float32) for p, x in like.items()}
+    return {"count": jnp.zeros((), jnp.int32), "mu": zeros(), "nu": zeros()}
+
+
+def optimizer_step(params, g: Dict[str, jax.Array], state: Dict[str, Any], *, optimizer: str, alpha: float,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+    """(params, state) after one ascent step along the ES estimate g ({path: fp32}).
+
+    sgd (the seed's):  theta += alpha * g
+    adam (Salimans et al. 2017 use Adam on the ES estimate): m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2,
+        theta += alpha * m_hat / (sqrt(v_hat) + eps) with bias-corrected m_hat, v_hat: a per-coordinate
+        normalised step whose momentum averages the estimates of successive iterations.
+    """
+    if optimizer == "sgd":
+        return apply_delta(params, {p: alpha * d for p, d in g.items()}), state
+    if optimizer != "adam":
+        raise ValueError(f"unknown ES optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
+    count = state["count"] + 1
+    t = count.astype(jnp.float32)
+    mu = {p: b1 * state["mu"][p] + (1 - b1) * d for p, d in g.items()}
+    nu = {p: b2 * state["nu"][p] + (1 - b2) * d * d for p, d in g.items()}
+    c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+    step = {p: alpha * (mu[p] / c1) / (jnp.sqrt(nu[p] / c2) + eps) for p in g}
+    return apply_delta(params, step), {"count": count, "mu": mu, "nu": nu}
 
 
 # ----------------------------------------------------------------------------- NP replay
@@ -162,7 +195,7 @@ def np_replay_delta(params, cfg: ModelConfig, tokens, mask, contrib, row_keys, r
     """{path: Delta} = sum_b row_coef_b sum_t [contrib] x_{b,t}^T eps_{b,t} per updated parameter.
 
     tokens, mask, contrib [R, S] (prompt + response; positions = cumsum(mask) - 1 as in generate);
-    row_keys [R, 2] uint32 (the ActNoise keys used in generation); row_coef [R] (alpha/(N sigma) z_n
+    row_keys [R, 2] uint32 (the ActNoise keys used in generation); row_coef [R] (z_n / (N sigma)
     for every row of member n); scales: (attn [L], mlp [L], head []) as in generation, so replayed
     activations see the same noise. Computed as the gradient of a surrogate, S tokens at a time
     (`tok_chunk`, with a KV cache between chunks) and `micro_rows` rows at a time (0 = all), all
