@@ -79,9 +79,8 @@ SCRIPT = textwrap.dedent("""
     assert np.array_equal(r4, r1)
     z = jnp.asarray(es_math.zscore(r1 + 0.01 * np.arange(N)))
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
-    sgd = ("sgd", 0.9, 0.999)
-    u4 = es._wp_step_fn(0.1, paths, 0, sgd, parallel.param_layout(p_sh, msh))(copy(p_sh), {}, mkeys, z)[0]
-    u1 = es._wp_step_fn(0.1, paths, 0, sgd, None)(copy(params), {}, mkeys, z)[0]
+    u4 = es._wp_step_fn(0.1, paths, layout=parallel.param_layout(p_sh, msh))(copy(p_sh), {}, mkeys, z)[0]
+    u1 = es._wp_step_fn(0.1, paths)(copy(params), {}, mkeys, z)[0]
     for x, y in zip(jax.tree_util.tree_leaves(u4), jax.tree_util.tree_leaves(u1)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
     print("OK")

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 SEED_S_PER_ITER = 164.0   # 30 x 5.47 s (HF generate, batch 64, 256 new tokens, H100)
-SGD = ("sgd", 0.9, 0.999)  # the seed's update (theta += alpha g), as `launch.es --optimizer=sgd`
 
 
 def _rewards_proxy(tokens, mask, n_members: int) -> np.ndarray:
@@ -109,11 +108,11 @@ def run(small: bool = False, methods=("np", "lowrank", "full"), pop: int = 30, n
             rows = parallel.put_batch((toks, msk, contrib, np.asarray(rk), row_coef, out.hidden, start), msh)
             delta = fn(state, *rows[:5], scales, *rows[5:])
             del out, rows
-            state = es._opt_step_fn(alpha, SGD, layout)(state, delta, {})[0]
+            state = es._opt_step_fn(alpha, layout=layout)(state, delta, {})[0]
         elif method == "lowrank":
-            state = es._wp_step_fn(alpha, lr.paths, rank, SGD, layout)(state, {}, mkeys, jnp.asarray(z))[0]
+            state = es._wp_step_fn(alpha, lr.paths, rank, layout=layout)(state, {}, mkeys, jnp.asarray(z))[0]
         else:
-            state = es._wp_step_fn(alpha, pfn.paths, 0, SGD, layout)(state, {}, mkeys, jnp.asarray(z))[0]
+            state = es._wp_step_fn(alpha, pfn.paths, layout=layout)(state, {}, mkeys, jnp.asarray(z))[0]
         jax.block_until_ready(state)
         t3 = time.perf_counter()
         return state, {"generate_s": t1 - t0, "reward_s": t2 - t1, "update_s": t3 - t2, "total_s": t3 - t0}

@@ -456,8 +456,11 @@ def _replay_fn(mcfg, include, last_k, tok_chunk, micro_rows, cdt):
     return jax.jit(fn)
 
 
+SGD_STEP = ("sgd", 0.9, 0.999)   # (optimizer, adam_b1, adam_b2) of the seed's step theta += alpha g
+
+
 @functools.lru_cache(maxsize=8)
-def _wp_step_fn(alpha, paths, rank: int = 0, opt: Tuple = ("sgd", 0.9, 0.999),
+def _wp_step_fn(alpha, paths, rank: int = 0, opt: Tuple = SGD_STEP,
                 layout: Optional[parallel.Layout] = None):
     """jit (params, optimizer state, member keys, coefs) -> (params, state): the WP direction (full
     rank, or low rank when rank > 0) applied by the ES optimizer opt = (name, b1, b2); layout: the
@@ -470,7 +473,7 @@ def _wp_step_fn(alpha, paths, rank: int = 0, opt: Tuple = ("sgd", 0.9, 0.999),
 
 
 @functools.lru_cache(maxsize=8)
-def _opt_step_fn(alpha, opt: Tuple, layout: Optional[parallel.Layout] = None):
+def _opt_step_fn(alpha, opt: Tuple = SGD_STEP, layout: Optional[parallel.Layout] = None):
     """jit (params, direction {path: g}, optimizer state) -> (params, state) (the NP update)."""
     step = lambda params, g, state: es_math.optimizer_step(params, g, state, optimizer=opt[0], alpha=alpha,
                                                            b1=opt[1], b2=opt[2])
@@ -593,9 +596,9 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
         opt_step = _opt_step_fn(ecfg.alpha, opt, layout)
     else:
         wp_step = _wp_step_fn(ecfg.alpha, tuple(upd_paths), ecfg.wp_rank, opt, layout)
-    flat_sh = tree_flat(param_sh)
+    flat_sh, shapes = tree_flat(param_sh), {p: x.shape for p, x in tree_flat(params).items()}
     upd_sh = {p: flat_sh[p] for p in upd_paths}   # directions / moments: placed like their parameters
-    zeros = lambda: parallel.put({p: np.zeros(tree_flat(params)[p].shape, np.float32) for p in upd_paths}, upd_sh)
+    zeros = lambda: parallel.put({p: np.zeros(shapes[p], np.float32) for p in upd_paths}, upd_sh)
     state = {"params": params}
     if ecfg.optimizer != "sgd":  # (sgd has no state; leaving the key out keeps sgd checkpoints as before)
         state["opt"] = es_math.optimizer_init(ecfg.optimizer, zeros())
