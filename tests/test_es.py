@@ -347,6 +347,84 @@ def test_es_tiny_end_to_end_determinism_and_resume(tmp_path, monkeypatch, varian
     assert [int(r["iteration"]) for r in ev] == [0, 1, 2]
 
 
+def test_train_rows_deterministic_distinct_and_fresh_per_iteration():
+    from jaxrl_sparse.rl.es import train_rows
+    a = train_rows(42, 3, 50, 8)
+    np.testing.assert_array_equal(a, train_rows(42, 3, 50, 8))            # same (seed, iteration)
+    assert a.shape == (8,) and len(set(a.tolist())) == 8 and a.min() >= 0 and a.max() < 50
+    assert list(a) == sorted(a)
+    draws = [tuple(train_rows(42, it, 50, 8)) for it in range(6)]
+    assert len(set(draws)) == 6                                            # fresh problems every iteration
+    assert tuple(train_rows(7, 3, 50, 8)) != tuple(a)                      # and per meta_seed
+    np.testing.assert_array_equal(train_rows(0, 0, 8, 8), np.arange(8))    # pool == n: every row
+    assert len(train_rows(-1, 0, 10, 4)) == 4                              # negative meta_seeds work
+
+
+def test_train_pool_validation(tmp_path):
+    from jaxrl_sparse.errors import UserError
+    from jaxrl_sparse.rl import es
+    assert es.ESConfig(n_train=8, train_pool=0).validate().train_pool == 0
+    assert es.ESConfig(n_train=8, train_pool=8).validate().train_pool == 8
+    for bad in (3, -1):
+        with pytest.raises(UserError, match="--train_pool"):
+            es.ESConfig(n_train=8, train_pool=bad).validate()
+    out = tmp_path / "never"   # refused before the output folder (or a model) is made
+    with pytest.raises(UserError, match="--train_pool=3 is smaller than --n_train=4"):
+        es.train(es.ESConfig(np_include="mlp", n_train=4, train_pool=3, visualization_dir=str(out)), progress=False)
+    assert not out.exists()
+
+
+def test_es_tiny_train_pool_resamples_deterministically_and_resumes(tmp_path, monkeypatch):
+    """--train_pool=12 with n_train 4: every iteration trains on the 4 pool problems `train_rows` picks
+    (the golds the rewards see, the prompts the population decodes, all padded to the pool's one
+    prompt length); two fresh runs and an interrupted + resumed run give the same CSV and parameters."""
+    from jaxrl_sparse.rl import es
+    from jaxrl_sparse.tasks import math_task
+    loaded = es.tiny_random_model(0)
+    seen, seen_tokens = [], []   # golds / prompt rows [M, P] per iteration, in call order across the runs
+    real_gen = es.np_generate
+
+    def rewards(tok, tokens, mask, golds, n):
+        seen.append(list(golds))
+        return ((np.asarray(tokens) * np.asarray(mask)).sum(1) % 3 == 0).astype(np.float32).reshape(n, -1)
+
+    def spy_gen(params, mcfg, tokens, *a, **k):
+        seen_tokens.append(np.asarray(tokens))
+        return real_gen(params, mcfg, tokens, *a, **k)
+    monkeypatch.setattr(es, "row_rewards", rewards)
+    monkeypatch.setattr(es, "np_generate", spy_gen)
+    cfg = _preset_config(os.path.join(ROOT, "configs", "es_tiny.flags"), export_final=False, save_every=5,
+                         n_eval=2, max_new_tokens=6, n_iters=3, train_pool=12, skip_eval=True)
+    run = lambda d, **k: es.train(dataclasses.replace(cfg, visualization_dir=str(tmp_path / d)), progress=False,
+                                  loaded=loaded, **k)
+    full = run("a")
+    # what iteration `it` must train on: train_rows of the 12-problem pool, encoded together
+    pool, _ = math_task.load_math_splits(cfg.data, 12, cfg.n_eval, cfg.meta_seed)
+    tok = loaded[2]
+    ptok, _ = math_task.encode_left_padded(tok, math_task.build_math_prompts(
+        tok, [p["question"] for p in pool], cfg.chat, cfg.system_prompt), cfg.max_prompt_len, tok.pad_token_id)
+    gold = math_task.gold_answers(pool)
+    want = [es.train_rows(cfg.meta_seed, it, 12, 4) for it in range(3)]
+    assert len({tuple(i) for i in want}) == 3 and len({tuple(g) for g in seen}) == 3   # the problems change
+    assert seen == [[gold[i] for i in idx] for idx in want]
+    for t, idx in zip(seen_tokens, want):
+        np.testing.assert_array_equal(t, ptok[idx])
+    assert len({t.shape for t in seen_tokens}) == 1
+    run("b")
+    part = run("c", stop_after=1)
+    assert part["iterations_done"] == 1
+    res = run("c")
+    assert len(seen) == 9 and seen[3:6] == seen[:3] == seen[6:]   # the second run and the resume draw alike
+    ra = _read(tmp_path / "a" / "reward_history.csv")
+    assert len(ra) == cfg.n_iters * cfg.pop_size and {float(r["train_reward"]) for r in ra} != {0.0}
+    assert ra == _read(tmp_path / "b" / "reward_history.csv") == _read(tmp_path / "c" / "reward_history.csv")
+    moved = False
+    for p, q, p0 in zip(*(jax.tree_util.tree_leaves(x) for x in (full["params"], res["params"], loaded[1]))):
+        np.testing.assert_array_equal(p, q)
+        moved |= not np.array_equal(p, p0)
+    assert moved
+
+
 # ----------------------------------------------------------------------------- full-rank WP, grouped decode
 def test_fullrank_grouped_decode_equals_sequential(params):
     """G members per call (vmapped over their perturbed copies) give the one-by-one tokens, member-major,

@@ -14,7 +14,8 @@ import pytest
 
 from jaxrl_sparse.generate import generate
 from jaxrl_sparse.models.config import ModelConfig
-from jaxrl_sparse.models.decoder import ActNoise, Block, forward, init_cache, init_params, split_cache
+from jaxrl_sparse.models.decoder import (ActNoise, Block, forward, init_cache, init_params, map_layers, split_cache,
+                                         split_layers, stack_layers)
 from jaxrl_sparse.rl import es_math
 from jaxrl_sparse.transforms import perturb
 
@@ -221,6 +222,25 @@ def test_lowrank_hook_applies_on_the_per_layer_path(models):
     scan, loop, plain = jax.jit(run)(params, fac, tokens)
     np.testing.assert_allclose(loop, scan, rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(scan) - np.asarray(plain)).max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_per_layer_weights_without_cache_equal_stacked(models, family):
+    """forward with params['layers'] split per layer (the PPO update's layer loop) and no cache:
+    the stacked forward's logits, left padding included; no cache comes back; map_layers +
+    stack_layers restore the stacked tree exactly."""
+    cfg, params = models[family]
+    tokens = jax.random.randint(jax.random.key(2), (3, 6), 0, cfg.vocab_size)
+    mask = jnp.asarray(np.array([[1] * 6, [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]]), jnp.int32)
+    split = map_layers(params, split_layers)
+    assert isinstance(split["layers"], tuple) and len(split["layers"]) == cfg.num_layers
+    out = jax.jit(lambda p: forward(p, cfg, tokens, mask))(split)
+    ref = forward(params, cfg, tokens, mask)
+    assert out.cache is None
+    m = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(out.logits)[m], np.asarray(ref.logits)[m], rtol=1e-5, atol=1e-5)
+    back = map_layers(split, stack_layers)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params)))
 
 
 def _token_rewards(tok, tokens, mask, golds, n_members):

@@ -44,27 +44,71 @@ def test_one_ppo_step_moves_logprobs_towards_reward():
     assert float(stats["ppo/minibatches_applied"]) == 1.0
 
 
-def test_grad_mask_freezes_unmasked_weights():
-    Q, N = 4, 3
-    pcfg = ppo.PPOConfig(batch_size=2, mini_batch_size=2, ppo_epochs=1, learning_rate=1e-2,
+def _update_inputs(B=2, mb=2, epochs=1, Q=4, N=3):
+    """(pcfg compile key, params, state, batch) for one update on CFG: B rows of Q + N tokens."""
+    pcfg = ppo.PPOConfig(batch_size=B, mini_batch_size=mb, ppo_epochs=epochs, learning_rate=1e-2,
                          output_min_length=N, output_max_length=N)
     params = init_params(CFG, jax.random.key(1))
     trainable = {"model": params, "value_head": init_value_head(CFG.hidden_size, jax.random.key(2))}
     opt = ppo.make_optimizer(pcfg)
     state = {"trainable": jax.tree_util.tree_map(jnp.copy, trainable), "opt_state": opt.init(trainable)}
-    tokens = jnp.asarray(np.arange(14).reshape(2, 7) % 32, jnp.int32)
+    tokens = jnp.asarray(np.arange(B * (Q + N)).reshape(B, Q + N) * 7 % 32, jnp.int32)
     mask = jnp.ones_like(tokens)
-    resp = jnp.ones((2, N), jnp.float32)
+    resp = jnp.ones((B, N), jnp.float32)
     key = ppo.compile_key(pcfg)
     lp, v, rlp, _ = ppo.make_score_fn(CFG, Q)(trainable, params, tokens, mask, key)
-    adv, ret, vals, _ = ppo.compute_advantages(key, jnp.array([1.0, -1.0]), lp, rlp, v, resp, jnp.float32(0.1))
+    scores = jnp.asarray(np.linspace(1.0, -1.0, B), jnp.float32)
+    adv, ret, vals, _ = ppo.compute_advantages(key, scores, lp, rlp, v, resp, jnp.float32(0.1))
     batch = {"tokens": tokens, "mask": mask, "resp_mask": resp, "logprobs": lp, "values": vals,
              "advantages": adv, "returns": ret}
+    return key, params, state, batch
+
+
+def test_layer_loop_update_equals_stacked():
+    """Carrying per-layer weights and Adam moments through the mini-batch steps (the accelerator
+    default) gives the stacked update's state and statistics: 2 epochs x 2 mini-batches."""
+    Q = 4
+    key, _, state, batch = _update_inputs(B=4, mb=2, epochs=2, Q=Q)
+    copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
+    runs = [ppo.make_update_fn(CFG, key, Q, layer_loop=loop)(copy(state), batch, jax.random.key(3), None)
+            for loop in (False, True)]
+    (s0, st0), (s1, st1) = runs
+    assert jax.tree_util.tree_structure(s0) == jax.tree_util.tree_structure(s1)  # stacked again on exit
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), s0["trainable"], state["trainable"])
+    assert min(jax.tree_util.tree_leaves(moved)) > 0  # every weight changed: the comparison means something
+    for a, b in zip(jax.tree_util.tree_leaves(s0), jax.tree_util.tree_leaves(s1)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-6)
+    for k in st0:
+        np.testing.assert_allclose(float(st1[k]), float(st0[k]), rtol=2e-5, atol=1e-6, err_msg=k)
+    assert float(st1["ppo/minibatches_applied"]) == 4.0
+
+
+@pytest.mark.parametrize("layer_loop", [False, True])
+def test_early_stopping_skips_the_remaining_epochs(layer_loop):
+    """early_stopping with a KL target every mini-batch exceeds: the first epoch's 2 steps are
+    applied, the second epoch's are not, and the state equals a 1-epoch update's."""
+    import dataclasses
+    Q = 4
+    key, _, state, batch = _update_inputs(B=4, mb=2, epochs=2, Q=Q)
+    copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
+    stop_key = dataclasses.replace(key, early_stopping=True, target_kl=-1e3)  # policykl > -1.5e3 always
+    s2, st2 = ppo.make_update_fn(CFG, stop_key, Q, layer_loop=layer_loop)(copy(state), batch, jax.random.key(3), None)
+    one = dataclasses.replace(key, ppo_epochs=1)
+    s1, _ = ppo.make_update_fn(CFG, one, Q, layer_loop=layer_loop)(copy(state), batch, jax.random.key(3), None)
+    assert float(st2["ppo/minibatches_applied"]) == 2.0
+    for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s2)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)  # steps of lr 1e-2 move far more
+
+
+@pytest.mark.parametrize("layer_loop", [False, True])
+def test_grad_mask_freezes_unmasked_weights(layer_loop):
+    Q = 4
+    key, params, state, batch = _update_inputs(Q=Q)
     gm = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, bool), params)
     q = np.zeros(params["layers"]["attn"]["q_proj"]["kernel"].shape, bool)
     q[0, :3, :5] = True
     gm["layers"]["attn"]["q_proj"]["kernel"] = jnp.asarray(q)
-    state, _ = ppo.make_update_fn(CFG, key, Q)(state, batch, jax.random.key(3), gm)
+    state, _ = ppo.make_update_fn(CFG, key, Q, layer_loop=layer_loop)(state, batch, jax.random.key(3), gm)
     new = state["trainable"]["model"]
     dq = np.asarray(new["layers"]["attn"]["q_proj"]["kernel"] - params["layers"]["attn"]["q_proj"]["kernel"])
     assert np.all(dq[~q] == 0) and np.any(dq[q] != 0)

@@ -28,10 +28,12 @@ SETTINGS = {
 
 
 def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed: int = 0, mesh: str = "",
-                  per_device_batch: int = 0, breakdown: bool = False) -> Dict[str, Any]:
+                  per_device_batch: int = 0, breakdown: bool = False,
+                  layer_loop: Optional[bool] = None) -> Dict[str, Any]:
     """mesh: 'data:N,fsdp:M' ('' = all devices on data). per_device_batch > 0: the batch is this
     many rows per device (weak scaling), mini-batches keep the setting's batch/mini-batch ratio.
-    breakdown: also time the update's parts alone (`update_parts`)."""
+    breakdown: also time the update's parts alone (`update_parts`). layer_loop: the update's
+    `ppo.make_update_fn(layer_loop=...)` (None = its default: on for accelerators)."""
     from jaxrl_sparse import parallel
     from jaxrl_sparse.generate import generate
     from jaxrl_sparse.models import classifier as clf
@@ -68,7 +70,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     state = {"trainable": trainable, "opt_state": jax.jit(opt.init, out_shardings=opt_sh)(trainable)}
     key = ppo.compile_key(pcfg)
     score_fn = ppo.make_score_fn(mcfg, Q, msh)
-    update_fn = ppo.make_update_fn(mcfg, key, Q, msh, parallel.param_layout(state, msh))
+    update_fn = ppo.make_update_fn(mcfg, key, Q, msh, parallel.param_layout(state, msh), layer_loop=layer_loop)
 
     @jax.jit
     def reward(tokens):
@@ -116,7 +118,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
            "samples_per_s": B / total, "first_iter_s": compile_s,
            "peer_s_per_iter": peer, "peer_samples_per_s": (B / peer) if peer else None,
            "speedup": (peer / total) if peer else None, "mesh": dict(msh.shape),
-           "per_device_batch": B // n_rows,
+           "per_device_batch": B // n_rows, "layer_loop": layer_loop,
            "peak_mem_gb": max(peak_mem) / 1e9, "peak_mem_gb_per_device": [m / 1e9 for m in peak_mem],
            **device_info()}
     if breakdown:
@@ -129,8 +131,9 @@ def update_parts(state, ref, last, mcfg, pcfg, Q: int, score_fn, repeats: int = 
 
     score: the policy + reference pass over the batch; grad: value and gradient of the PPO loss on
     one mini-batch; optimizer: one optimizer step (donated state); mb_step: one whole mini-batch
-    step (`ppo.minibatch_step`, the scanned update's body without its early-stopping select).
-    score + steps x mb_step vs the measured update shows what the scan adds.
+    step (`ppo.minibatch_step`, the scanned update's body), all on stacked weights. score + steps x
+    mb_step vs the measured update shows what the scan adds (or, with the update's layer loop, saves:
+    chained in the scan with per-layer weights a step costs less than alone; BENCHMARKS.md, session 8).
     """
     from jaxrl_sparse.bench.common import time_calls
     from jaxrl_sparse.rl import ppo
@@ -168,14 +171,17 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                       flag_values=fv)
     _f.DEFINE_bool("breakdown", False, "also time the update's parts alone: score pass, one mini-batch "
                    "gradient, one optimizer step, one mini-batch step", flag_values=fv)
+    _f.DEFINE_enum("layer_loop", "auto", ["auto", "on", "off"], "the update carries per-layer weights "
+                   "through its mini-batch steps (auto: on for accelerators, off on CPU)", flag_values=fv)
     fv(["bench ppo"] + list(argv or []))
+    loop = {"auto": None, "on": True, "off": False}[fv.layer_loop]
     rows = []
     for s in fv.settings:
         if s not in SETTINGS:
             from jaxrl_sparse.errors import UserError
             raise UserError(f"--settings: unknown {s!r}; choose {', '.join(SETTINGS)}")
         row = bench_setting(s, fv.model, fv.repeats, mesh=fv.mesh, per_device_batch=fv.per_device_batch,
-                            breakdown=fv.breakdown)
+                            breakdown=fv.breakdown, layer_loop=loop)
         rows.append(row)
         append_jsonl(fv.out or None, {"bench": "ppo", **row})
     print(markdown_table(rows, [("setting", "setting"), ("batch", "B"), ("mini_batch", "mb"),

@@ -538,6 +538,27 @@ def split_layers(layers) -> tuple:
     return tuple(jax.tree_util.tree_map(lambda a: a[l], layers) for l in range(L))
 
 
+def stack_layers(layers):
+    """Inverse of `split_layers`: a tuple of L per-layer trees -> one tree with a leading axis L."""
+    if not isinstance(layers, (tuple, list)):
+        return layers
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)
+
+
+def map_layers(tree, fn):
+    """`tree` with fn applied to every entry named 'layers' (params, or optax states that mirror them).
+
+    Walks dicts, tuples, lists and NamedTuples (optax states); e.g. `map_layers(state, split_layers)`.
+    """
+    if isinstance(tree, dict):
+        return {k: fn(v) if k == "layers" else map_layers(v, fn) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(map_layers(v, fn) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(map_layers(v, fn) for v in tree)
+    return tree
+
+
 def _layer_count(layers) -> int:
     """Blocks held by params['layers'] or a cache's k: a tuple of per-layer entries or a stacked array/tree."""
     if isinstance(layers, (tuple, list)):
@@ -679,6 +700,8 @@ def forward(params, cfg: ModelConfig, tokens, attention_mask=None, positions=Non
 
     logits_last: when set, logits [B, logits_last, V] for the last slots only (hidden stays [B, T, D]).
     unroll: layers per iteration of the layer scan (same result; trades compile time for speed).
+    params['layers'] may be a tuple of per-layer trees (`split_layers`): the layers then run as an
+      unrolled loop (same result), e.g. inside a loop of training steps that carries the weights.
     capture_layer: j in [0, L]: also return `captured` [B, T, D] (compute dtype), the residual stream
       entering block j (j = L: leaving the last block, before the final norm).
     start_layer, start_hidden [B, T, D]: skip the embeddings and blocks < start_layer; run blocks
@@ -690,6 +713,12 @@ def forward(params, cfg: ModelConfig, tokens, attention_mask=None, positions=Non
     if cache is not None and isinstance(cache["k"], (tuple, list)):  # per-layer buffers: see split_cache
         return _forward_layer_loop(params, cfg, tokens, attention_mask, positions, cache, noise,
                                    compute_logits, logits_last, capture_layer, start_layer, start_hidden)
+    if cache is None and isinstance(params["layers"], (tuple, list)):  # per-layer weights, no cache
+        if remat:
+            raise ValueError("remat needs stacked layers (per-layer weights run as an unrolled loop)")
+        fresh = split_cache(init_cache(cfg, tokens.shape[0], tokens.shape[1], layers=cfg.num_layers - start_layer))
+        return _forward_layer_loop(params, cfg, tokens, attention_mask, positions, fresh, noise, compute_logits,
+                                   logits_last, capture_layer, start_layer, start_hidden)._replace(cache=None)
     if capture_layer is not None or start_layer or start_hidden is not None:
         return _forward_range(params, cfg, tokens, attention_mask, positions, cache, noise, compute_logits,
                               logits_last, remat, unroll, capture_layer, start_layer, start_hidden)

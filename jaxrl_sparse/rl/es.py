@@ -2,6 +2,8 @@
 perturbation (NP), replacing the seed's `wp_llm_gsm8k.py` / `np_llm_gsm8k.py`.
 
 One iteration (`train`):
+  problems  the same n_train problems every iteration (the seed's), or with --train_pool=P > n_train
+            n_train of P drawn afresh (`train_rows`)
   seeds     N member seeds from fold_in(seed_key, iteration); member key = fold_in(noise_key, seed)
   generate  NP / low-rank WP: the whole population as ONE batch of N * n_train rows (member-major),
             sharded over the mesh's 'data' axis; full-rank WP: --gpu_threads members per call (0 = as
@@ -46,7 +48,8 @@ class ESConfig:
     hf_cache_dir: str = ""            # HF cache for hub downloads (sets HF_HUB_CACHE/HF_DATASETS_CACHE); seed default was a private path
     mixed_precision: str = "fp16"     # compute dtype with fp32 master weights: no=fp32, bf16, fp16 (mapped to bf16: same 16-bit bandwidth, no loss scaling)
     gpu_threads: int = 0              # population members decoded concurrently per device (seed default 1); 0 = all: NP / low-rank WP decode the whole population as one batch, G > 0 decodes G x n_devices members per call; full-rank WP: G members per call, one weight copy each (rows split over the devices), 0 = as many as fit in device memory
-    n_train: int = 64                 # training problems (the same set every iteration, as in the seed)
+    n_train: int = 64                 # training problems per iteration (the same set every iteration, as in the seed, unless --train_pool)
+    train_pool: int = 0               # problems the training batches are drawn from: 0 = the seed's fixed set of n_train problems every iteration; P >= n_train = each iteration trains on n_train problems drawn without replacement from a pool of P training problems (disjoint from the eval set), chosen by (meta_seed, iteration) so runs are deterministic and resume identically
     n_eval: int = 100                 # evaluation problems
     n_iters: int = 100                # ES iterations
     pop_size: int = 30                # population size N
@@ -113,6 +116,9 @@ class ESConfig:
                      "np_max_tok_chunk", "max_new_tokens", "save_every", "eval_interval"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.train_pool and self.train_pool < self.n_train:
+            raise UserError(f"--train_pool={self.train_pool} is smaller than --n_train={self.n_train}; "
+                            f"use 0 (the fixed set) or at least {self.n_train}")
         if self.pop_size < 2:
             raise UserError("--pop_size must be >= 2 (rewards are z-scored across the population)")
         if self.antithetic and self.pop_size % 2:
@@ -404,6 +410,14 @@ def auto_fullrank_group(params, mcfg, tokens, mesh, gkw, pop: int, dtype) -> int
     return fullrank_group_size(pop, free, wbytes, kv_bytes_per_token(mcfg), rows, seq, mcfg.vocab_size)
 
 
+def train_rows(meta_seed: int, it: int, pool: int, n: int) -> np.ndarray:
+    """[n] sorted distinct row indices in [0, pool): iteration `it`'s training problems under
+    --train_pool, drawn without replacement by numpy's generator seeded with (meta_seed, it), so a
+    resumed run draws the same problems."""
+    rng = np.random.default_rng([meta_seed & 0xFFFFFFFF, it])
+    return np.sort(rng.choice(pool, n, replace=False))
+
+
 def member_chunks(n_members: int, threads: int) -> List[slice]:
     """Slices of the population decoded per call: all at once (threads 0), else threads x devices."""
     step = n_members if threads <= 0 else max(1, threads * jax.device_count())
@@ -558,17 +572,26 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
     cdt = PRECISIONS[ecfg.mixed_precision]
     mcfg = mcfg.replace(dtype="bfloat16" if cdt == jnp.bfloat16 else "float32")
     gkw = gen_kwargs(ecfg, tok, mcfg)
-    train_p, eval_p = math_task.load_math_splits(ecfg.data, ecfg.n_train, ecfg.n_eval, ecfg.meta_seed,
-                                                 train_file=ecfg.train_file, eval_file=ecfg.eval_file)
+    # --train_pool: the whole pool encoded once (one padded prompt length: generate compiles once)
+    train_p, eval_p = math_task.load_math_splits(ecfg.data, max(ecfg.n_train, ecfg.train_pool), ecfg.n_eval,
+                                                 ecfg.meta_seed, train_file=ecfg.train_file,
+                                                 eval_file=ecfg.eval_file)
     pad = gkw["pad_token_id"]
     enc = lambda probs: math_task.encode_left_padded(
         tok, math_task.build_math_prompts(tok, [p["question"] for p in probs], ecfg.chat,
                                           ecfg.system_prompt), ecfg.max_prompt_len, pad)
-    tr_tok, tr_mask = enc(train_p)
-    tr_gold = math_task.gold_answers(train_p)
+    pool_tok, pool_mask = enc(train_p)
+    pool_gold = math_task.gold_answers(train_p)
     ev_tok, ev_mask = enc(eval_p)
     ev_gold = math_task.gold_answers(eval_p)
-    N, M = ecfg.pop_size, len(train_p)
+    N, M = ecfg.pop_size, ecfg.n_train
+
+    def train_batch(it):
+        """(tokens [M, P], mask, golds) of iteration it: the fixed set, or `train_rows` of the pool."""
+        if len(train_p) <= M:
+            return pool_tok, pool_mask, pool_gold
+        idx = train_rows(ecfg.meta_seed, it, len(train_p), M)
+        return pool_tok[idx], pool_mask[idx], [pool_gold[i] for i in idx]
 
     root = jax.random.key(ecfg.meta_seed)
     k_seeds, k_noise, k_gen, k_eval = jax.random.split(root, 4)
@@ -588,7 +611,7 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
         upd_paths = perturb.leaf_paths(params, ecfg.wp_include)
         pfn = PerturbFn(sigma, upd_paths, cdt)
         # members per decode call, fixed for the run (one compile): --gpu_threads, 0 = from free memory
-        wp_group = ecfg.gpu_threads or auto_fullrank_group(params, mcfg, tr_tok, row_mesh(M), gkw, N, cdt)
+        wp_group = ecfg.gpu_threads or auto_fullrank_group(params, mcfg, pool_tok[:M], row_mesh(M), gkw, N, cdt)
         say(f"full-rank WP: {wp_group} members per decode call")
 
     opt = (ecfg.optimizer, ecfg.adam_b1, ecfg.adam_b2)
@@ -654,6 +677,7 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
         seeds, signs = es_math.iteration_seeds(k_seeds, it, N, ecfg.antithetic)
         mkeys = es_math.member_keys(k_noise, seeds)
         kg = jax.random.fold_in(k_gen, it)
+        tr_tok, tr_mask, tr_gold = train_batch(it)
         if method == "np":
             parts = [np_generate(state["params"], mcfg, tr_tok, tr_mask, mkeys[c], scales, jax.random.fold_in(kg, i),
                                  gkw, cast_fn, mesh=row_mesh(len(mkeys[c]) * M), capture_layer=cap_layer,

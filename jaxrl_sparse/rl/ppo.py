@@ -26,7 +26,7 @@ from jaxrl_sparse import checkpoint, parallel
 from jaxrl_sparse.errors import UserError
 from jaxrl_sparse.metrics import MetricsLog, default_workdir, is_writer, plot_curves
 from jaxrl_sparse.models.config import ModelConfig
-from jaxrl_sparse.models.decoder import forward, lm_logits
+from jaxrl_sparse.models.decoder import forward, lm_logits, map_layers, split_layers, stack_layers
 from jaxrl_sparse.models.value_head import init_value_head, value_head_apply
 from jaxrl_sparse.rl import ppo_math as pm
 
@@ -257,7 +257,8 @@ def minibatch_step(loss_fn, optimizer: optax.GradientTransformation, state, mbat
 
 @functools.lru_cache(maxsize=8)
 def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
-                   layout: Optional[parallel.Layout] = None, masked: bool = False):
+                   layout: Optional[parallel.Layout] = None, masked: bool = False,
+                   layer_loop: Optional[bool] = None):
     """jit: (state, batch, key, grad_mask) -> (state, stats). All PPO epochs and mini-batches in one function.
 
     state = {'trainable': {'model', 'value_head'}, 'opt_state'}; batch holds tokens/mask [B,Q+N],
@@ -265,7 +266,13 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
     the epoch's last mini-batch > 1.5 target_kl) skips the remaining epochs (a select keeps the old state).
     mesh + layout (the state's shardings, `parallel.param_layout`): jit in/out shardings, the batch
     split over the mesh's batch axes; masked: grad_mask is a tree laid out like the model.
+    layer_loop: the mini-batch steps carry per-layer weights and Adam moments (`split_layers` on
+    entry, stacked again on exit) and run the layers unrolled. Same result; on the H100 16 fp32
+    steps of gpt2-medium took 215 ms against 327 ms with the stacked carry (the layer scan nested
+    in the mini-batch scan copies the carry). None = on for accelerators, off on CPU (compile time).
     """
+    if layer_loop is None:
+        layer_loop = jax.default_backend() != "cpu"
     B, mb = pcfg.batch_size, pcfg.mini_batch_size
     n_mb = B // mb
     optimizer = make_optimizer(pcfg)
@@ -276,19 +283,24 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
             idx, epoch_end = xs
             state, stop = carry
             mbatch = parallel.constrain_batch(jax.tree_util.tree_map(lambda x: x[idx], batch), mesh)
-            stepped, stats = minibatch_step(loss_fn, optimizer, state, mbatch, grad_mask)
-            # a select, not lax.cond: a GPU conditional reads its predicate on the host (a stream
-            # sync per mini-batch); the select fuses into the optimizer's elementwise update
-            new_state = jax.tree_util.tree_map(lambda o, n: jnp.where(stop, o, n), state, stepped)
+            new_state, stats = minibatch_step(loss_fn, optimizer, state, mbatch, grad_mask)
             stats["ppo/applied"] = 1.0 - stop.astype(jnp.float32)
             if pcfg.early_stopping:  # TRL checks at the end of each epoch, on its last mini-batch
+                # a select, not lax.cond: a GPU conditional reads its predicate on the host (a
+                # stream sync per mini-batch). Compiled in only when stop can be set at all.
+                new_state = jax.tree_util.tree_map(lambda o, n: jnp.where(stop, o, n), state, new_state)
                 stop = stop | (epoch_end & (stats["policy/policykl"] > 1.5 * pcfg.target_kl))
             return (new_state, stop), stats
 
+        if layer_loop:
+            state = map_layers(state, split_layers)
+            grad_mask = map_layers(grad_mask, split_layers)
         perms = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), B).reshape(n_mb, mb)
                                  for e in range(pcfg.ppo_epochs)])
         epoch_end = (jnp.arange(pcfg.ppo_epochs * n_mb) % n_mb) == n_mb - 1
         (state, _), stats = jax.lax.scan(mb_step, (state, jnp.zeros((), jnp.bool_)), (perms, epoch_end))
+        if layer_loop:
+            state = map_layers(state, stack_layers)
         w = stats.pop("ppo/applied")
         mean = {k: jnp.sum(v * w) / jnp.maximum(jnp.sum(w), 1.0) for k, v in stats.items()}
         mean["ppo/minibatches_applied"] = jnp.sum(w)
