@@ -66,16 +66,28 @@ def _update_inputs(B=2, mb=2, epochs=1, Q=4, N=3):
 
 def test_layer_loop_update_equals_stacked():
     """Carrying per-layer weights and Adam moments through the mini-batch steps (the accelerator
-    default) gives the stacked update's state and statistics: 2 epochs x 2 mini-batches."""
+    default) gives the stacked update's state and statistics: 2 epochs x 2 mini-batches, with a
+    gradient mask (split per layer too) that freezes part of one layer's q_proj and all of up_proj."""
     Q = 4
-    key, _, state, batch = _update_inputs(B=4, mb=2, epochs=2, Q=Q)
+    key, params, state, batch = _update_inputs(B=4, mb=2, epochs=2, Q=Q)
+    gm = jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, bool), params)
+    q = np.ones(params["layers"]["attn"]["q_proj"]["kernel"].shape, bool)
+    q[1, :3, :5] = False
+    gm["layers"]["attn"]["q_proj"]["kernel"] = jnp.asarray(q)
+    gm["layers"]["mlp"]["up_proj"]["kernel"] = jnp.zeros_like(gm["layers"]["mlp"]["up_proj"]["kernel"])
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
-    runs = [ppo.make_update_fn(CFG, key, Q, layer_loop=loop)(copy(state), batch, jax.random.key(3), None)
+    runs = [ppo.make_update_fn(CFG, key, Q, masked=True, layer_loop=loop)(copy(state), batch, jax.random.key(3), gm)
             for loop in (False, True)]
     (s0, st0), (s1, st1) = runs
     assert jax.tree_util.tree_structure(s0) == jax.tree_util.tree_structure(s1)  # stacked again on exit
+    for s in (s0, s1):
+        new = s["trainable"]["model"]["layers"]
+        dq = np.asarray(new["attn"]["q_proj"]["kernel"] - params["layers"]["attn"]["q_proj"]["kernel"])
+        assert np.all(dq[~q] == 0) and np.all(np.abs(dq[q]).max() > 0)
+        assert np.array_equal(new["mlp"]["up_proj"]["kernel"], params["layers"]["mlp"]["up_proj"]["kernel"])
     moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), s0["trainable"], state["trainable"])
-    assert min(jax.tree_util.tree_leaves(moved)) > 0  # every weight changed: the comparison means something
+    moved["model"]["layers"]["mlp"]["up_proj"]["kernel"] = 1.0   # frozen above
+    assert min(jax.tree_util.tree_leaves(moved)) > 0  # every other weight changed: the comparison means something
     for a, b in zip(jax.tree_util.tree_leaves(s0), jax.tree_util.tree_leaves(s1)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-6)
     for k in st0:
@@ -100,15 +112,14 @@ def test_early_stopping_skips_the_remaining_epochs(layer_loop=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)  # steps of lr 1e-2 move far more
 
 
-@pytest.mark.parametrize("layer_loop", [False, True])
-def test_grad_mask_freezes_unmasked_weights(layer_loop):
+def test_grad_mask_freezes_unmasked_weights():
     Q = 4
     key, params, state, batch = _update_inputs(Q=Q)
     gm = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, bool), params)
     q = np.zeros(params["layers"]["attn"]["q_proj"]["kernel"].shape, bool)
     q[0, :3, :5] = True
     gm["layers"]["attn"]["q_proj"]["kernel"] = jnp.asarray(q)
-    state, _ = ppo.make_update_fn(CFG, key, Q, layer_loop=layer_loop)(state, batch, jax.random.key(3), gm)
+    state, _ = ppo.make_update_fn(CFG, key, Q, layer_loop=False)(state, batch, jax.random.key(3), gm)
     new = state["trainable"]["model"]
     dq = np.asarray(new["layers"]["attn"]["q_proj"]["kernel"] - params["layers"]["attn"]["q_proj"]["kernel"])
     assert np.all(dq[~q] == 0) and np.any(dq[q] != 0)
