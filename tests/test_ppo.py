@@ -15,53 +15,44 @@ CFG = ModelConfig("llama", vocab_size=32, hidden_size=32, intermediate_size=64, 
                   num_heads=4, num_kv_heads=2, head_dim=8)
 
 
-def test_one_ppo_step_moves_logprobs_towards_reward():
-    """Two responses to the same query, rewarded +1 and -1: after one update the first is more
-    likely and the second less likely under the policy."""
-    Q, N = 4, 3
-    pcfg = ppo.PPOConfig(batch_size=2, mini_batch_size=2, ppo_epochs=1, learning_rate=1e-2,
-                         init_kl_coef=0.0, output_min_length=N, output_max_length=N)
-    params = init_params(CFG, jax.random.key(1))
-    trainable = {"model": params, "value_head": init_value_head(CFG.hidden_size, jax.random.key(2))}
-    opt = ppo.make_optimizer(pcfg)
-    state = {"trainable": trainable, "opt_state": opt.init(trainable)}
-    query = np.array([5, 6, 7, 8])
-    tokens = jnp.asarray(np.stack([np.r_[query, 1, 2, 3], np.r_[query, 9, 10, 11]]), jnp.int32)
-    mask = jnp.ones_like(tokens)
-    resp = jnp.ones((2, N), jnp.float32)
-    key = ppo.compile_key(pcfg)
-    lp, v, rlp, _ = ppo.make_score_fn(CFG, Q)(trainable, params, tokens, mask, key)
-    scores = jnp.array([1.0, -1.0])
-    adv, ret, vals, _ = ppo.compute_advantages(key, scores, lp, rlp, v, resp, jnp.float32(0.0))
-    batch = {"tokens": tokens, "mask": mask, "resp_mask": resp, "logprobs": lp, "values": vals,
-             "advantages": adv, "returns": ret}
-    before = np.asarray(lp.sum(1))
-    state, stats = ppo.make_update_fn(CFG, key, Q)(state, batch, jax.random.key(3), None)
-    after_lp, _, _ = ppo.response_outputs(state["trainable"]["model"], None, CFG, tokens, mask, Q)
-    after = np.asarray(after_lp.sum(1))
-    assert after[0] > before[0] + 1e-3, (before, after)
-    assert after[1] < before[1] - 1e-3, (before, after)
-    assert float(stats["ppo/minibatches_applied"]) == 1.0
-
-
-def _update_inputs(B=2, mb=2, epochs=1, Q=4, N=3):
-    """(pcfg compile key, params, state, batch) for one update on CFG: B rows of Q + N tokens."""
+def _update_inputs(B=2, mb=2, epochs=1, Q=4, N=3, tokens=None, scores=None, kl_coef=0.1, **pcfg_kw):
+    """(pcfg compile key, params, state, batch) for one update on CFG: B rows of Q + N tokens
+    (default: a fixed pattern), scores (default: 1 .. -1 over the rows), KL coefficient kl_coef."""
     pcfg = ppo.PPOConfig(batch_size=B, mini_batch_size=mb, ppo_epochs=epochs, learning_rate=1e-2,
-                         output_min_length=N, output_max_length=N)
+                         output_min_length=N, output_max_length=N, **pcfg_kw)
     params = init_params(CFG, jax.random.key(1))
     trainable = {"model": params, "value_head": init_value_head(CFG.hidden_size, jax.random.key(2))}
     opt = ppo.make_optimizer(pcfg)
     state = {"trainable": jax.tree_util.tree_map(jnp.copy, trainable), "opt_state": opt.init(trainable)}
-    tokens = jnp.asarray(np.arange(B * (Q + N)).reshape(B, Q + N) * 7 % 32, jnp.int32)
+    if tokens is None:
+        tokens = jnp.asarray(np.arange(B * (Q + N)).reshape(B, Q + N) * 7 % 32, jnp.int32)
     mask = jnp.ones_like(tokens)
     resp = jnp.ones((B, N), jnp.float32)
     key = ppo.compile_key(pcfg)
     lp, v, rlp, _ = ppo.make_score_fn(CFG, Q)(trainable, params, tokens, mask, key)
-    scores = jnp.asarray(np.linspace(1.0, -1.0, B), jnp.float32)
-    adv, ret, vals, _ = ppo.compute_advantages(key, scores, lp, rlp, v, resp, jnp.float32(0.1))
+    if scores is None:
+        scores = jnp.asarray(np.linspace(1.0, -1.0, B), jnp.float32)
+    adv, ret, vals, _ = ppo.compute_advantages(key, scores, lp, rlp, v, resp, jnp.float32(kl_coef))
     batch = {"tokens": tokens, "mask": mask, "resp_mask": resp, "logprobs": lp, "values": vals,
              "advantages": adv, "returns": ret}
     return key, params, state, batch
+
+
+def test_one_ppo_step_moves_logprobs_towards_reward():
+    """Two responses to the same query, rewarded +1 and -1: after one update the first is more
+    likely and the second less likely under the policy."""
+    Q = 4
+    query = np.array([5, 6, 7, 8])
+    tokens = jnp.asarray(np.stack([np.r_[query, 1, 2, 3], np.r_[query, 9, 10, 11]]), jnp.int32)
+    key, _, state, batch = _update_inputs(Q=Q, tokens=tokens, scores=jnp.array([1.0, -1.0]), kl_coef=0.0,
+                                          init_kl_coef=0.0)
+    before = np.asarray(batch["logprobs"].sum(1))
+    state, stats = ppo.make_update_fn(CFG, key, Q)(state, batch, jax.random.key(3), None)
+    after_lp, _, _ = ppo.response_outputs(state["trainable"]["model"], None, CFG, tokens, batch["mask"], Q)
+    after = np.asarray(after_lp.sum(1))
+    assert after[0] > before[0] + 1e-3, (before, after)
+    assert after[1] < before[1] - 1e-3, (before, after)
+    assert float(stats["ppo/minibatches_applied"]) == 1.0
 
 
 def test_layer_loop_update_equals_stacked():

@@ -118,7 +118,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
            "samples_per_s": B / total, "first_iter_s": compile_s,
            "peer_s_per_iter": peer, "peer_samples_per_s": (B / peer) if peer else None,
            "speedup": (peer / total) if peer else None, "mesh": dict(msh.shape),
-           "per_device_batch": B // n_rows, "layer_loop": layer_loop,
+           "per_device_batch": B // n_rows, "layer_loop": ppo.update_layer_loop(layer_loop),
            "peak_mem_gb": max(peak_mem) / 1e9, "peak_mem_gb_per_device": [m / 1e9 for m in peak_mem],
            **device_info()}
     if breakdown:
