@@ -24,10 +24,21 @@ def define_parallel_flags() -> None:
                         "environment; 'off' = never; '' = only with --coordinator_address")
 
 
+def define_cache_flag() -> None:
+    """--compilation_cache (`jaxrl_sparse.compile_cache`), defined once."""
+    from absl import flags
+    if "compilation_cache" not in flags.FLAGS:
+        flags.DEFINE_string("compilation_cache", None, "directory of a persistent XLA compilation cache: "
+                            "re-runs, resumes and sweeps that keep the shapes load compiled programs from it "
+                            "instead of compiling again (default $JAXRL_COMPILATION_CACHE, else off)")
+
+
 def run_main(main: Callable) -> None:
-    """`absl.app.run(main)`, after `jax.distributed.initialize` when the multi-host flags ask for it;
-    a `UserError` prints `error: <msg>` and exits with status 2."""
+    """`absl.app.run(main)`, after `jax.distributed.initialize` when the multi-host flags ask for it
+    and with the compilation cache of `--compilation_cache`; a `UserError` prints `error: <msg>` and
+    exits with status 2."""
     define_parallel_flags()
+    define_cache_flag()
 
     def wrapped(argv):
         from absl import flags, logging
@@ -35,6 +46,8 @@ def run_main(main: Callable) -> None:
         if not F["verbosity"].present:  # Orbax logs every file it writes at INFO
             logging.set_verbosity(logging.WARNING)
         try:
+            from jaxrl_sparse import compile_cache
+            compile_cache.enable(F.compilation_cache)
             from jaxrl_sparse.parallel import init_distributed, parse_mesh
             init_distributed(F.coordinator_address, F.num_processes, F.process_id, F.distributed)
             parse_mesh(F.mesh)  # a bad --mesh fails before any model is loaded

@@ -165,10 +165,12 @@ def test_ppo_tiny_preset_runs_end_to_end(tmp_path):
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     work = tmp_path / "ppo_tiny"
+    cache = tmp_path / "xla_cache"
     r = subprocess.run([sys.executable, "-m", "launch.ppo", "--flagfile=configs/ppo_tiny.flags",
-                        f"--workdir={work}", "--noprogress"], cwd=root, capture_output=True, text=True,
-                       timeout=900)
+                        f"--workdir={work}", "--noprogress", f"--compilation_cache={cache}"], cwd=root,
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert os.listdir(cache), "--compilation_cache wrote nothing"   # the launcher flag reaches JAX
     rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
     assert [x["step"] for x in rows] == [1, 2, 3]
     assert all(np.isfinite(x["env/reward_mean"]) for x in rows)
