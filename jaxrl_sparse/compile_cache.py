@@ -4,8 +4,8 @@ A run that compiles a program an earlier run compiled (a sweep over flags that k
 resume, a re-run of a preset) loads the executable from DIR instead of compiling it again. JAX keys
 each entry on the program, the compile options, the devices and the jax/jaxlib versions, so an
 entry is never used for a different program. Entries are written only for compiles that took at
-least `min_compile_secs`; the directory is kept under `max_bytes` (least recently used entries go
-first, under a file lock, so concurrent runs can share it).
+least `min_compile_secs`. With the `filelock` package (a huggingface_hub dependency) JAX keeps
+the directory under `max_bytes`, dropping the least recently used entries under a file lock.
 
 Off unless `--compilation_cache=DIR` or `$JAXRL_COMPILATION_CACHE` names a directory. `launch.bench`
 never uses it: it reports compile times.
