@@ -1,6 +1,7 @@
 """Shared launcher helpers."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -24,21 +25,39 @@ def define_parallel_flags() -> None:
                         "environment; 'off' = never; '' = only with --coordinator_address")
 
 
-def define_cache_flag() -> None:
-    """--compilation_cache (`jaxrl_sparse.compile_cache`), defined once."""
+def define_compile_flags() -> None:
+    """--compilation_cache (`jaxrl_sparse.compile_cache`) and --deterministic, defined once."""
     from absl import flags
     if "compilation_cache" not in flags.FLAGS:
         flags.DEFINE_string("compilation_cache", None, "directory of a persistent XLA compilation cache: "
                             "re-runs, resumes and sweeps that keep the shapes load compiled programs from it "
                             "instead of compiling again (default $JAXRL_COMPILATION_CACHE, else off)")
+    if "deterministic" not in flags.FLAGS:
+        flags.DEFINE_bool("deterministic", False, "bit-reproducible runs on GPUs: XLA's deterministic ops "
+                          "(no atomic scatter-adds, no gemm autotuning). Same seed, same numbers; slower (H100, "
+                          "PPO seed setting: 0.447 vs 0.389 s/iteration). CPU runs are deterministic anyway")
+
+
+DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def use_deterministic_ops() -> None:
+    """Add XLA's deterministic-ops flag to XLA_FLAGS; it must precede the backend's start."""
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+        raise UserError("--deterministic must be applied before JAX starts its backend; "
+                        f"set XLA_FLAGS={DETERMINISTIC_XLA_FLAG} in the environment instead")
+    cur = os.environ.get("XLA_FLAGS", "")
+    if DETERMINISTIC_XLA_FLAG not in cur.split():
+        os.environ["XLA_FLAGS"] = f"{cur} {DETERMINISTIC_XLA_FLAG}".strip()
 
 
 def run_main(main: Callable) -> None:
-    """`absl.app.run(main)`, after `jax.distributed.initialize` when the multi-host flags ask for it
-    and with the compilation cache of `--compilation_cache`; a `UserError` prints `error: <msg>` and
-    exits with status 2."""
+    """`absl.app.run(main)`, after `jax.distributed.initialize` when the multi-host flags ask for it,
+    with the compilation cache of `--compilation_cache` and XLA's deterministic ops under
+    `--deterministic`; a `UserError` prints `error: <msg>` and exits with status 2."""
     define_parallel_flags()
-    define_cache_flag()
+    define_compile_flags()
 
     def wrapped(argv):
         from absl import flags, logging
@@ -46,6 +65,8 @@ def run_main(main: Callable) -> None:
         if not F["verbosity"].present:  # Orbax logs every file it writes at INFO
             logging.set_verbosity(logging.WARNING)
         try:
+            if F.deterministic:
+                use_deterministic_ops()
             from jaxrl_sparse import compile_cache
             compile_cache.enable(F.compilation_cache)
             from jaxrl_sparse.parallel import init_distributed, parse_mesh

@@ -60,3 +60,29 @@ def test_a_recompiled_program_is_loaded_from_the_cache(tmp_path, restore_cache_c
     monitoring.unregister_event_listener(listener)
     assert hits.count("/jax/compilation_cache/cache_hits") == n + 1
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+_PRINT_FLAGS = ("import os, sys; sys.argv[0] = 'x'; from launch.common import run_main; "
+                "run_main(lambda argv: print('XLA_FLAGS=' + os.environ.get('XLA_FLAGS', '')))")
+
+
+@pytest.mark.parametrize("det", [False, True])
+def test_deterministic_flag_sets_xla_deterministic_ops(det):
+    import subprocess
+    import sys
+    from launch.common import DETERMINISTIC_XLA_FLAG
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    r = subprocess.run([sys.executable, "-c", _PRINT_FLAGS] + (["--deterministic"] if det else []),
+                       cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = [x for x in r.stdout.splitlines() if x.startswith("XLA_FLAGS=")][0]
+    assert (DETERMINISTIC_XLA_FLAG in line.split("=", 1)[1].split()) == det
+
+
+def test_deterministic_after_the_backend_started_is_a_clear_error():
+    from jaxrl_sparse.errors import UserError
+    from launch.common import use_deterministic_ops
+    jax.devices()
+    with pytest.raises(UserError, match="XLA_FLAGS=--xla_gpu_deterministic_ops=true"):
+        use_deterministic_ops()
