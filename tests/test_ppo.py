@@ -86,7 +86,7 @@ def test_layer_loop_update_equals_stacked():
     assert float(st1["ppo/minibatches_applied"]) == 4.0
 
 
-def test_early_stopping_skips_the_remaining_epochs(layer_loop=True):
+def test_early_stopping_skips_the_remaining_epochs():
     """early_stopping with a KL target every mini-batch exceeds: the first epoch's 2 steps are
     applied, the second epoch's are not, and the state equals a 1-epoch update's. (Per-layer state:
     the select is the same code on the stacked path, which test_layer_loop_update_equals_stacked ties to it.)"""
@@ -95,9 +95,9 @@ def test_early_stopping_skips_the_remaining_epochs(layer_loop=True):
     key, _, state, batch = _update_inputs(B=4, mb=2, epochs=2, Q=Q)
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
     stop_key = dataclasses.replace(key, early_stopping=True, target_kl=-1e3)  # policykl > -1.5e3 always
-    s2, st2 = ppo.make_update_fn(CFG, stop_key, Q, layer_loop=layer_loop)(copy(state), batch, jax.random.key(3), None)
+    s2, st2 = ppo.make_update_fn(CFG, stop_key, Q, layer_loop=True)(copy(state), batch, jax.random.key(3), None)
     one = dataclasses.replace(key, ppo_epochs=1)
-    s1, _ = ppo.make_update_fn(CFG, one, Q, layer_loop=layer_loop)(copy(state), batch, jax.random.key(3), None)
+    s1, _ = ppo.make_update_fn(CFG, one, Q, layer_loop=True)(copy(state), batch, jax.random.key(3), None)
     assert float(st2["ppo/minibatches_applied"]) == 2.0
     for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s2)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)  # steps of lr 1e-2 move far more
