@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxrl_sparse.models.config import ModelConfig
-from jaxrl_sparse.models.decoder import init_params
+from jaxrl_sparse.models.decoder import init_params, split_layers
 from jaxrl_sparse.models.value_head import init_value_head
 from jaxrl_sparse.rl import ppo
 
@@ -55,10 +55,13 @@ def test_one_ppo_step_moves_logprobs_towards_reward():
     assert float(stats["ppo/minibatches_applied"]) == 1.0
 
 
-def test_layer_loop_update_equals_stacked():
+@pytest.mark.parametrize("small_below,join_qkv", [(0, False), (100, True)])
+def test_layer_loop_update_equals_stacked(small_below, join_qkv):
     """Carrying per-layer weights and Adam moments through the mini-batch steps (the accelerator
     default) gives the stacked update's state and statistics: 2 epochs x 2 mini-batches, with a
-    gradient mask (split per layer too) that freezes part of one layer's q_proj and all of up_proj."""
+    gradient mask (split per layer too) that freezes part of one layer's q_proj and all of up_proj.
+    (100, True), the accelerator default: the norm scales (32 per layer) stay stacked in the carry,
+    the matrices are split, and q/k/v run as one joined projection (fewer dots in the program)."""
     Q = 4
     key, params, state, batch = _update_inputs(B=4, mb=2, epochs=2, Q=Q)
     gm = jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, bool), params)
@@ -66,9 +69,18 @@ def test_layer_loop_update_equals_stacked():
     q[1, :3, :5] = False
     gm["layers"]["attn"]["q_proj"]["kernel"] = jnp.asarray(q)
     gm["layers"]["mlp"]["up_proj"]["kernel"] = jnp.zeros_like(gm["layers"]["mlp"]["up_proj"]["kernel"])
+    if small_below:  # the carry has both parts: stacked norm scales, per-layer matrices
+        split = split_layers(params["layers"], small_below)
+        assert [a.shape for a in jax.tree_util.tree_leaves(split.small)] == [(2, 32)] * 2
+        assert len(jax.tree_util.tree_leaves(split.big)) == 2 * 7
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
-    runs = [ppo.make_update_fn(CFG, key, Q, masked=True, layer_loop=loop)(copy(state), batch, jax.random.key(3), gm)
-            for loop in (False, True)]
+    fns = [ppo.make_update_fn(CFG, key, Q, masked=True, layer_loop=loop, small_below=small_below if loop else 0,
+                              join_qkv=join_qkv and loop) for loop in (False, True)]
+    if join_qkv:  # per layer and step: q/k/v projection forward 3 -> 1 dots, input and weight gradients 6 -> 2
+        apart = ppo.make_update_fn(CFG, key, Q, masked=True, layer_loop=True, small_below=small_below, join_qkv=False)
+        dots = [f.lower(state, batch, jax.random.key(3), gm).as_text().count("dot_general") for f in (apart, fns[1])]
+        assert dots[1] == dots[0] - 6 * CFG.num_layers, dots
+    runs = [f(copy(state), batch, jax.random.key(3), gm) for f in fns]
     (s0, st0), (s1, st1) = runs
     assert jax.tree_util.tree_structure(s0) == jax.tree_util.tree_structure(s1)  # stacked again on exit
     for s in (s0, s1):

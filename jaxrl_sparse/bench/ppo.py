@@ -29,11 +29,13 @@ SETTINGS = {
 
 def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed: int = 0, mesh: str = "",
                   per_device_batch: int = 0, breakdown: bool = False,
-                  layer_loop: Optional[bool] = None) -> Dict[str, Any]:
+                  layer_loop: Optional[bool] = None, small_below: Optional[int] = None,
+                  join_qkv: bool = True) -> Dict[str, Any]:
     """mesh: 'data:N,fsdp:M' ('' = all devices on data). per_device_batch > 0: the batch is this
     many rows per device (weak scaling), mini-batches keep the setting's batch/mini-batch ratio.
     breakdown: also time the update's parts alone (`update_parts`). layer_loop: the update's
-    `ppo.make_update_fn(layer_loop=...)` (None = its default: on for accelerators)."""
+    `ppo.make_update_fn(layer_loop=...)` (None = its default: on for accelerators); small_below: its
+    `small_below` (None = the trainer's `ppo.SMALL_LEAF_STACKED_BELOW`); join_qkv: its `join_qkv`."""
     from jaxrl_sparse import parallel
     from jaxrl_sparse.generate import generate
     from jaxrl_sparse.models import classifier as clf
@@ -70,7 +72,10 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     state = {"trainable": trainable, "opt_state": jax.jit(opt.init, out_shardings=opt_sh)(trainable)}
     key = ppo.compile_key(pcfg)
     score_fn = ppo.make_score_fn(mcfg, Q, msh)
-    update_fn = ppo.make_update_fn(mcfg, key, Q, msh, parallel.param_layout(state, msh), layer_loop=layer_loop)
+    if small_below is None:
+        small_below = ppo.SMALL_LEAF_STACKED_BELOW
+    update_fn = ppo.make_update_fn(mcfg, key, Q, msh, parallel.param_layout(state, msh), layer_loop=layer_loop,
+                                   small_below=small_below, join_qkv=join_qkv)
 
     @jax.jit
     def reward(tokens):
@@ -118,7 +123,8 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
            "samples_per_s": B / total, "first_iter_s": compile_s,
            "peer_s_per_iter": peer, "peer_samples_per_s": (B / peer) if peer else None,
            "speedup": (peer / total) if peer else None, "mesh": dict(msh.shape),
-           "per_device_batch": B // n_rows, "layer_loop": ppo.update_layer_loop(layer_loop),
+           "per_device_batch": B // n_rows, "layer_loop": ppo.update_layer_loop(layer_loop), "small_below": small_below,
+           "join_qkv": join_qkv,
            "peak_mem_gb": max(peak_mem) / 1e9, "peak_mem_gb_per_device": [m / 1e9 for m in peak_mem],
            **device_info()}
     if breakdown:
@@ -173,6 +179,10 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                    "gradient, one optimizer step, one mini-batch step", flag_values=fv)
     _f.DEFINE_enum("layer_loop", "auto", ["auto", "on", "off"], "the update carries per-layer weights "
                    "through its mini-batch steps (auto: on for accelerators, off on CPU)", flag_values=fv)
+    _f.DEFINE_integer("small_below", -1, "with the layer loop, leaves with fewer elements per layer stay stacked "
+                      "(-1: the trainer's default; 0: every leaf split per layer)", flag_values=fv)
+    _f.DEFINE_bool("join_qkv", True, "with the layer loop, each layer's q/k/v projections run as one gemm",
+                   flag_values=fv)
     fv(["bench ppo"] + list(argv or []))
     loop = {"auto": None, "on": True, "off": False}[fv.layer_loop]
     rows = []
@@ -181,7 +191,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
             from jaxrl_sparse.errors import UserError
             raise UserError(f"--settings: unknown {s!r}; choose {', '.join(SETTINGS)}")
         row = bench_setting(s, fv.model, fv.repeats, mesh=fv.mesh, per_device_batch=fv.per_device_batch,
-                            breakdown=fv.breakdown, layer_loop=loop)
+                            breakdown=fv.breakdown, layer_loop=loop,
+                            small_below=None if fv.small_below < 0 else fv.small_below, join_qkv=fv.join_qkv)
         rows.append(row)
         append_jsonl(fv.out or None, {"bench": "ppo", **row})
     print(markdown_table(rows, [("setting", "setting"), ("batch", "B"), ("mini_batch", "mb"),

@@ -310,6 +310,7 @@ class AttnParams(nn.Module):
         self.q_proj = _dense(cfg, H * hd, None, cfg.qkv_bias)
         self.k_proj = _dense(cfg, K * hd, None, cfg.qkv_bias)
         self.v_proj = _dense(cfg, K * hd, None, cfg.qkv_bias)
+        self.qkv_proj = _dense(cfg, (H + 2 * K) * hd, None, cfg.qkv_bias)  # only with `fuse_qkv` params
         self.o_proj = _dense(cfg, cfg.hidden_size, None, cfg.is_gpt2)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.norm_eps, True, _dt(cfg.param_dtype))
@@ -318,9 +319,12 @@ class AttnParams(nn.Module):
     def qkv(self, h):
         cfg = self.cfg
         B, T, _ = h.shape
-        q = self.q_proj(h).reshape(B, T, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(h).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(h).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if self.has_variable("params", "qkv_proj"):  # joined projections (`fuse_qkv`): one gemm
+            q, k, v = jnp.split(self.qkv_proj(h), [H * hd, (H + K) * hd], axis=-1)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q, k, v = q.reshape(B, T, H, hd), k.reshape(B, T, K, hd), v.reshape(B, T, K, hd)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
@@ -526,23 +530,89 @@ def split_cache(cache: Dict[str, Any]) -> Dict[str, Any]:
     return dict(cache, k=tuple(cache["k"][l] for l in range(L)), v=tuple(cache["v"][l] for l in range(L)))
 
 
-def split_layers(layers) -> tuple:
+class LayerSplit(NamedTuple):
+    """Per-layer weights with the small leaves kept stacked (`split_layers(..., small_below=n)`).
+
+    big: L per-layer trees of the large leaves (None where a leaf is small); small: the layers'
+    tree of the small leaves, stacked [L, ...] (None where a leaf is large). Carried through a loop
+    of training steps, each small leaf (a bias, a norm scale) stays one array, so its optimizer
+    update and gradient-norm term are one kernel each rather than L.
+    """
+    big: tuple
+    small: Any
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def _layer_tree(split: LayerSplit, l: int):
+    """Layer l of a LayerSplit as one plain tree (its small leaves sliced out of the stack)."""
+    return jax.tree_util.tree_map(lambda b, s: s[l] if b is None else b, split.big[l], split.small,
+                                  is_leaf=_is_none)
+
+
+def split_layers(layers, small_below: int = 0):
     """Stacked layer parameters (leading axis L) -> a tuple of L per-layer trees (no-op if split).
 
     The sampler splits once before its decode loop: slicing a layer out of the stacked weights
     inside the loop costs a device copy of every weight matrix at every step.
+    small_below > 0: a `LayerSplit` instead, leaves with fewer elements per layer stay stacked
+    (the PPO update's carry). A LayerSplit given with small_below = 0 becomes the plain tuple.
     """
+    if isinstance(layers, LayerSplit):
+        return layers if small_below else tuple(_layer_tree(layers, l) for l in range(len(layers.big)))
     if isinstance(layers, (tuple, list)):
         return tuple(layers)
     L = jax.tree_util.tree_leaves(layers)[0].shape[0]
-    return tuple(jax.tree_util.tree_map(lambda a: a[l], layers) for l in range(L))
+    if not small_below:
+        return tuple(jax.tree_util.tree_map(lambda a: a[l], layers) for l in range(L))
+
+    def small(a) -> bool:
+        return math.prod(a.shape[1:]) < small_below
+
+    big = tuple(jax.tree_util.tree_map(lambda a: None if small(a) else a[l], layers) for l in range(L))
+    return LayerSplit(big, jax.tree_util.tree_map(lambda a: a if small(a) else None, layers))
 
 
 def stack_layers(layers):
-    """Inverse of `split_layers`: a tuple of L per-layer trees -> one tree with a leading axis L."""
+    """Inverse of `split_layers`: per-layer trees (a tuple or a LayerSplit) -> one tree with a leading axis L."""
+    if isinstance(layers, LayerSplit):
+        big = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers.big)
+        return jax.tree_util.tree_map(lambda b, s: s if b is None else b, big, layers.small, is_leaf=_is_none)
     if not isinstance(layers, (tuple, list)):
         return layers
     return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)
+
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def fuse_qkv(layers):
+    """Layer params (stacked or one layer's) with attn q/k/v projections joined into 'qkv_proj'.
+
+    Kernels and biases are concatenated on their output axis, so one gemm computes q, k and v (and
+    in the backward one gemm each gives the input gradient and the weight gradient, where three
+    did). Elementwise optimizer states and gradient masks laid out like the params join the same
+    way; `unfuse_qkv` splits them back exactly.
+    """
+    attn = layers["attn"]
+    if "qkv_proj" in attn:
+        return layers
+    joined = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=-1), *(attn[n] for n in _QKV))
+    return {**layers, "attn": {**{k: v for k, v in attn.items() if k not in _QKV}, "qkv_proj": joined}}
+
+
+def unfuse_qkv(layers, cfg: ModelConfig):
+    """Inverse of `fuse_qkv`."""
+    attn = layers["attn"]
+    if "qkv_proj" not in attn:
+        return layers
+    cuts = [cfg.num_heads * cfg.head_dim, (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim]
+    parts = jax.tree_util.tree_map(lambda a: jnp.split(a, cuts, axis=-1), attn["qkv_proj"])
+    split = {n: jax.tree_util.tree_map(lambda p, i=i: p[i], parts, is_leaf=lambda x: isinstance(x, list))
+             for i, n in enumerate(_QKV)}
+    return {**layers, "attn": {**{k: v for k, v in attn.items() if k != "qkv_proj"}, **split}}
 
 
 def map_layers(tree, fn):
@@ -561,6 +631,8 @@ def map_layers(tree, fn):
 
 def _layer_count(layers) -> int:
     """Blocks held by params['layers'] or a cache's k: a tuple of per-layer entries or a stacked array/tree."""
+    if isinstance(layers, LayerSplit):
+        return len(layers.big)
     if isinstance(layers, (tuple, list)):
         return len(layers)
     return jax.tree_util.tree_leaves(layers)[0].shape[0]
@@ -700,8 +772,9 @@ def forward(params, cfg: ModelConfig, tokens, attention_mask=None, positions=Non
 
     logits_last: when set, logits [B, logits_last, V] for the last slots only (hidden stays [B, T, D]).
     unroll: layers per iteration of the layer scan (same result; trades compile time for speed).
-    params['layers'] may be a tuple of per-layer trees (`split_layers`): the layers then run as an
-      unrolled loop (same result), e.g. inside a loop of training steps that carries the weights.
+    params['layers'] may be a tuple of per-layer trees or a `LayerSplit` (`split_layers`): the layers
+      then run as an unrolled loop (same result), e.g. inside a loop of training steps that carries
+      the weights.
     capture_layer: j in [0, L]: also return `captured` [B, T, D] (compute dtype), the residual stream
       entering block j (j = L: leaving the last block, before the final norm).
     start_layer, start_hidden [B, T, D]: skip the embeddings and blocks < start_layer; run blocks
