@@ -179,8 +179,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                    "gradient, one optimizer step, one mini-batch step", flag_values=fv)
     _f.DEFINE_enum("layer_loop", "auto", ["auto", "on", "off"], "the update carries per-layer weights "
                    "through its mini-batch steps (auto: on for accelerators, off on CPU)", flag_values=fv)
-    _f.DEFINE_integer("small_below", -1, "with the layer loop, leaves with fewer elements per layer stay stacked "
-                      "(-1: the trainer's default; 0: every leaf split per layer)", flag_values=fv)
+    _f.DEFINE_integer("small_below", None, "with the layer loop, leaves with fewer elements per layer stay "
+                      "stacked (default: the trainer's; 0: every leaf split per layer)", flag_values=fv)
     _f.DEFINE_bool("join_qkv", True, "with the layer loop, each layer's q/k/v projections run as one gemm",
                    flag_values=fv)
     fv(["bench ppo"] + list(argv or []))
@@ -192,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
             raise UserError(f"--settings: unknown {s!r}; choose {', '.join(SETTINGS)}")
         row = bench_setting(s, fv.model, fv.repeats, mesh=fv.mesh, per_device_batch=fv.per_device_batch,
                             breakdown=fv.breakdown, layer_loop=loop,
-                            small_below=None if fv.small_below < 0 else fv.small_below, join_qkv=fv.join_qkv)
+                            small_below=fv.small_below, join_qkv=fv.join_qkv)
         rows.append(row)
         append_jsonl(fv.out or None, {"bench": "ppo", **row})
     print(markdown_table(rows, [("setting", "setting"), ("batch", "B"), ("mini_batch", "mb"),
