@@ -1,4 +1,5 @@
 """Benchmark plumbing that runs on a CPU: the dispatcher and the head-gemm benchmark's variants."""
+import json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -57,3 +58,55 @@ def test_ppo_bench_small_with_update_breakdown():
     assert all(v > 0 for v in parts.values())
     with pytest.raises(UserError, match="unknown 'nope'"):
         bench_ppo.main(["--settings=nope"])
+
+
+def test_gemm_bench_rewrites_equal_the_products_and_run():
+    """The two rewrites `launch.bench gemm` times compute the same products; the command runs."""
+    from jaxrl_sparse.bench.gemm import batched_weight_grads, split_k_product
+    k = jax.random.split(jax.random.key(0), 4)
+    x, w = jax.random.normal(k[0], (6, 32)), jax.random.normal(k[1], (32, 8))
+    for s in (2, 4):
+        np.testing.assert_allclose(np.asarray(split_k_product(x, w, s)), np.asarray(x @ w), rtol=1e-5, atol=1e-5)
+    xs, dys = jax.random.normal(k[2], (3, 6, 8)), jax.random.normal(k[3], (3, 6, 5))
+    want = np.stack([np.asarray(xs[l]).T @ np.asarray(dys[l]) for l in range(3)])
+    np.testing.assert_allclose(np.asarray(batched_weight_grads(xs, dys)), want, rtol=1e-5, atol=1e-5)
+    rows = dispatch(["gemm", "--rows=8", "--hidden=16", "--inner=32", "--qkv=48", "--layers=3", "--split_k=2",
+                     "--reps=2"])
+    assert len(rows) == 4 + 2 + 8  # 4 forwards, split-K where N = hidden (attn out, mlp down), 4 x 2 weight grads
+    assert all(r["us_per_call"] > 0 for r in rows)
+    with pytest.raises(UserError, match="split_k"):
+        dispatch(["gemm", "--split_k=two"])
+
+
+def test_profile_tables_and_hlo_op_names(tmp_path):
+    """`launch.bench profile BENCH`: traced tables written as JSON; `--profile_hlo` names kernels from
+    XLA's optimized-HLO dumps (fusions by name or by the name they were deduplicated with)."""
+    from jaxrl_sparse.bench import profile
+    out = tmp_path / "p.json"
+    tables = dispatch(["profile", "head", "--models=smollm2-135m", "--batch=2", "--repeats=1",
+                       f"--profile_out={out}", "--profile_top=5"])
+    assert tables and json.loads(out.read_text()).keys() == tables.keys()
+    assert max(t["busy_ms"] for t in tables.values()) > 0
+    dump = tmp_path / "hlo"
+    dump.mkdir()
+    (dump / "module_0007.jit_update.sm_9.0a_gpu_after_optimizations.txt").write_text(
+        '  %loop_add_fusion.98 = (f32[8]{0}) fusion(%a, %b), kind=kLoop, calls=%fused_add.98, '
+        'metadata={op_name="jit(update)/while/body/add" deduplicated_name="loop_add_fusion.54"}\n'
+        '  ROOT %gemm_fusion_dot.3 = f32[4,4]{1,0} fusion(%x, %y), kind=kCustom, '
+        'metadata={op_name="jit(update)/mlp/down_proj/dot_general"}\n'
+        '  %add.1 = f32[8]{0} add(%a, %b)\n')
+    (dump / "module_0002.jit_run.sm_9.0a_gpu_after_optimizations.txt").write_text(
+        '  %gemm_fusion_dot.3 = f32[4,4]{1,0} fusion(%x, %y), kind=kCustom, metadata={op_name="jit(run)/qkv/dot_general"}\n')
+    (dump / "module_0007.jit_update.sm_9.0a_gpu_after_optimizations-buffer-assignment.txt").write_text(
+        '  %other_fusion.1 = f32[8]{0} fusion(%a), metadata={op_name="nope"}\n')
+    ops = profile.hlo_ops(str(dump))
+    assert ops == {"loop_add_fusion_54": "jit_update: jit(update)/while/body/add",
+                   "loop_add_fusion_98": "jit_update: jit(update)/while/body/add",
+                   "gemm_fusion_dot_3": "jit_run: jit(run)/qkv/dot_general; "
+                                        "jit_update: jit(update)/mlp/down_proj/dot_general"}
+    t = profile.annotate({"gpu": {"busy_ms": 3.0, "events": 3, "span_ms": 3.0,
+                                  "top": [("loop_add_fusion_54", 2, 2.0), ("sm90_xmma_gemm", 1, 1.0)]}}, ops)
+    assert t["gpu"]["top"] == [("loop_add_fusion_54", 2, 2.0, "jit_update: jit(update)/while/body/add"),
+                               ("sm90_xmma_gemm", 1, 1.0, "")]
+    with pytest.raises(UserError, match="xla_dump_to"):
+        profile.hlo_ops(str(tmp_path / "empty"))

@@ -30,12 +30,13 @@ SETTINGS = {
 def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed: int = 0, mesh: str = "",
                   per_device_batch: int = 0, breakdown: bool = False,
                   layer_loop: Optional[bool] = None, small_below: Optional[int] = None,
-                  join_qkv: bool = True) -> Dict[str, Any]:
+                  join_qkv: bool = True, log_grad_norm: bool = False) -> Dict[str, Any]:
     """mesh: 'data:N,fsdp:M' ('' = all devices on data). per_device_batch > 0: the batch is this
     many rows per device (weak scaling), mini-batches keep the setting's batch/mini-batch ratio.
     breakdown: also time the update's parts alone (`update_parts`). layer_loop: the update's
     `ppo.make_update_fn(layer_loop=...)` (None = its default: on for accelerators); small_below: its
-    `small_below` (None = the trainer's `ppo.SMALL_LEAF_STACKED_BELOW`); join_qkv: its `join_qkv`."""
+    `small_below` (None = the trainer's `ppo.SMALL_LEAF_STACKED_BELOW`); join_qkv: its `join_qkv`;
+    log_grad_norm: the trainer's --log_grad_norm (off by default, as there)."""
     from jaxrl_sparse import parallel
     from jaxrl_sparse.generate import generate
     from jaxrl_sparse.models import classifier as clf
@@ -65,7 +66,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     cparams = parallel.init_sharded(lambda key: clf.init_params(ccfg, key), msh, jax.random.fold_in(k, 1))
     pcfg = ppo.PPOConfig(batch_size=B, mini_batch_size=mb, ppo_epochs=epochs, query_len=Q,
                          output_min_length=N, output_max_length=N, top_k=top_k, top_p=top_p,
-                         param_dtype=dtype, compute_dtype=dtype)
+                         param_dtype=dtype, compute_dtype=dtype, log_grad_norm=log_grad_norm)
     trainable = {"model": params, "value_head": parallel.put_params(init_value_head(mcfg.hidden_size, k), msh)}
     opt = ppo.make_optimizer(pcfg)
     opt_sh = parallel.param_shardings(jax.eval_shape(opt.init, trainable), msh)
@@ -124,7 +125,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
            "peer_s_per_iter": peer, "peer_samples_per_s": (B / peer) if peer else None,
            "speedup": (peer / total) if peer else None, "mesh": dict(msh.shape),
            "per_device_batch": B // n_rows, "layer_loop": ppo.update_layer_loop(layer_loop), "small_below": small_below,
-           "join_qkv": join_qkv,
+           "join_qkv": join_qkv, "log_grad_norm": log_grad_norm,
            "peak_mem_gb": max(peak_mem) / 1e9, "peak_mem_gb_per_device": [m / 1e9 for m in peak_mem],
            **device_info()}
     if breakdown:
@@ -183,6 +184,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                       "stacked (default: the trainer's; 0: every leaf split per layer)", flag_values=fv)
     _f.DEFINE_bool("join_qkv", True, "with the layer loop, each layer's q/k/v projections run as one gemm",
                    flag_values=fv)
+    _f.DEFINE_bool("log_grad_norm", False, "the update also computes the gradients' global norm per "
+                   "mini-batch step (the trainer's --log_grad_norm)", flag_values=fv)
     fv(["bench ppo"] + list(argv or []))
     loop = {"auto": None, "on": True, "off": False}[fv.layer_loop]
     rows = []
@@ -192,7 +195,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
             raise UserError(f"--settings: unknown {s!r}; choose {', '.join(SETTINGS)}")
         row = bench_setting(s, fv.model, fv.repeats, mesh=fv.mesh, per_device_batch=fv.per_device_batch,
                             breakdown=fv.breakdown, layer_loop=loop,
-                            small_below=fv.small_below, join_qkv=fv.join_qkv)
+                            small_below=fv.small_below, join_qkv=fv.join_qkv,
+                            log_grad_norm=fv.log_grad_norm)
         rows.append(row)
         append_jsonl(fv.out or None, {"bench": "ppo", **row})
     print(markdown_table(rows, [("setting", "setting"), ("batch", "B"), ("mini_batch", "mb"),

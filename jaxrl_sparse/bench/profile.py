@@ -13,6 +13,10 @@ bound work as few long ones. Compile time is host work and does not appear on de
 `--profile_top=N` rows per line; `--profile_out=F.json` writes the tables as JSON;
 `--profile_warmup` runs the benchmark once untraced first, so compilation and XLA's gemm
 autotuning (which run kernels on the device) stay out of the tables.
+`--profile_hlo=DIR` names each kernel's HLO op (module and JAX op path, e.g. `jit(update)/.../
+mlp/down_proj/dot_general`) from XLA's optimized-HLO dumps in DIR; make them with
+`XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text"` on the same command. Library kernels
+(cuBLAS gemms) keep their own names and get no op.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import collections
 import glob
 import json
 import os
+import re
 import tempfile
 import time
 from typing import Any, Dict, List, Optional
@@ -62,19 +67,57 @@ def aggregate(xplane_path: str, device_prefix: Optional[str] = None) -> Dict[str
     return out
 
 
+_HLO_FUSION = re.compile(r"^\s*(?:ROOT )?%(\S+) = .* (?:fusion|custom-call)\(")
+
+
+def hlo_ops(hlo_dir: str) -> Dict[str, str]:
+    """{kernel name: 'module: op path'} from XLA's optimized-HLO text dumps in hlo_dir.
+
+    A fusion's kernel is named after the fusion ('.' -> '_') or after the one it was deduplicated
+    with (XLA emits one kernel for both; which name it keeps varies), so both names are indexed;
+    a name found in several modules lists each module's op.
+    """
+    files = sorted(glob.glob(os.path.join(hlo_dir, "*after_optimizations.txt")))
+    if not files:
+        raise UserError(f"--profile_hlo={hlo_dir}: no *after_optimizations.txt there; run the same command "
+                        f'with XLA_FLAGS="--xla_dump_to={hlo_dir} --xla_dump_hlo_as_text"')
+    found: Dict[str, Dict[str, str]] = collections.defaultdict(dict)
+    for path in files:
+        module = os.path.basename(path).split(".")[1] if os.path.basename(path).count(".") > 1 else path
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                m = _HLO_FUSION.match(line)
+                if not m:
+                    continue
+                dedup = re.search(r'deduplicated_name="([^"]+)"', line)
+                op = re.search(r'op_name="([^"]+)"', line)
+                for name in {m.group(1), dedup.group(1) if dedup else m.group(1)}:
+                    found[name.replace(".", "_")].setdefault(module, op.group(1) if op else "")
+    return {k: "; ".join(f"{mod}: {op}" for mod, op in v.items()) for k, v in found.items()}
+
+
+def annotate(tables: Dict[str, Dict[str, Any]], ops: Dict[str, str]) -> Dict[str, Dict[str, Any]]:
+    """Each line's top rows get a fourth field: the kernel's HLO op ('' when unknown)."""
+    return {name: {**t, "top": [(k, c, ms, ops.get(k.replace(".", "_"), "")) for k, c, ms, *_ in t["top"]]}
+            for name, t in tables.items()}
+
+
 def print_tables(tables: Dict[str, Dict[str, Any]], top: int = 25) -> None:
     for name, t in sorted(tables.items(), key=lambda kv: -kv[1]["busy_ms"]):
         print(f"\n## {name}: {t['events']} events, busy {t['busy_ms']:.1f} ms over a span of "
               f"{t['span_ms']:.1f} ms ({100 * t['busy_ms'] / max(t['span_ms'], 1e-9):.0f}% busy)")
-        print("| event | count | total ms | mean µs | share |")
-        print("|---|---|---|---|---|")
-        for k, c, ms in t["top"][:top]:
-            print(f"| {k[:90]} | {c} | {ms:.2f} | {1e3 * ms / c:.1f} | {100 * ms / t['busy_ms']:.1f}% |")
+        with_ops = any(len(row) > 3 for row in t["top"])
+        print("| event | count | total ms | mean µs | share |" + (" HLO op |" if with_ops else ""))
+        print("|---|---|---|---|---|" + ("---|" if with_ops else ""))
+        for k, c, ms, *op in t["top"][:top]:
+            tail = f" {op[0][-120:]} |" if with_ops else ""
+            print(f"| {k[:90]} | {c} | {ms:.2f} | {1e3 * ms / c:.1f} | {100 * ms / t['busy_ms']:.1f}% |{tail}")
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
     argv = list(argv or [])
-    opts = {"--profile_dir": None, "--profile_top": "25", "--profile_out": None, "--profile_warmup": None}
+    opts = {"--profile_dir": None, "--profile_top": "25", "--profile_out": None, "--profile_warmup": None,
+            "--profile_hlo": None}
     rest = []
     for a in argv:
         k, _, v = a.partition("=")
@@ -102,6 +145,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
     if not files:
         raise UserError(f"the profiler wrote no trace under {trace_dir}; check that the profiler works here")
     tables = aggregate(files[-1])
+    if opts["--profile_hlo"]:
+        tables = annotate(tables, hlo_ops(opts["--profile_hlo"]))
     print_tables(tables, int(opts["--profile_top"]))
     if opts["--profile_out"]:
         with open(opts["--profile_out"], "w", encoding="utf-8") as f:

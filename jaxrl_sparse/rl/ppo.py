@@ -65,6 +65,7 @@ class PPOConfig:
     learning_rate: float = 2e-6
     adam_eps: float = 1e-8
     max_grad_norm: float = 0.0             # 0 = no clipping (TRL default None)
+    log_grad_norm: bool = False            # log ppo/grad_norm (a reduction over every gradient per step; TRL has none)
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
@@ -249,10 +250,15 @@ def apply_grads(optimizer: optax.GradientTransformation, state, grads, grad_mask
     return {"trainable": trainable, "opt_state": opt_state}
 
 
-def minibatch_step(loss_fn, optimizer: optax.GradientTransformation, state, mbatch, grad_mask=None):
-    """One PPO mini-batch step: loss and gradient, then the optimizer. Returns (new state, stats)."""
+def minibatch_step(loss_fn, optimizer: optax.GradientTransformation, state, mbatch, grad_mask=None,
+                   grad_norm: bool = False):
+    """One PPO mini-batch step: loss and gradient, then the optimizer. Returns (new state, stats).
+
+    grad_norm: also return the gradients' global norm as `ppo/grad_norm` (with clipping on, XLA
+    shares it with the clip's; alone it is one extra read of every gradient per step)."""
     (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"], mbatch)
-    stats["ppo/grad_norm"] = optax.global_norm(grads)
+    if grad_norm:
+        stats["ppo/grad_norm"] = optax.global_norm(grads)
     return apply_grads(optimizer, state, grads, grad_mask), stats
 
 
@@ -293,13 +299,14 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
     n_mb = B // mb
     optimizer = make_optimizer(pcfg)
     loss_fn = make_loss_fn(mcfg, pcfg, Q)
+    grad_norm = pcfg.log_grad_norm or pcfg.max_grad_norm > 0  # free with clipping: the clip computes it
 
     def update(state, batch, key, grad_mask):
         def mb_step(carry, xs):
             idx, epoch_end = xs
             state, stop = carry
             mbatch = parallel.constrain_batch(jax.tree_util.tree_map(lambda x: x[idx], batch), mesh)
-            new_state, stats = minibatch_step(loss_fn, optimizer, state, mbatch, grad_mask)
+            new_state, stats = minibatch_step(loss_fn, optimizer, state, mbatch, grad_mask, grad_norm)
             stats["ppo/applied"] = 1.0 - stop.astype(jnp.float32)
             if pcfg.early_stopping:  # TRL checks at the end of each epoch, on its last mini-batch
                 # a select, not lax.cond: a GPU conditional reads its predicate on the host (a

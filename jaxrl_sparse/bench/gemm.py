@@ -1,0 +1,126 @@
+"""`python -m launch.bench gemm`: the PPO update's matrix products alone, and two rewrites of them.
+
+Shapes of one mini-batch step of gpt2-medium at the seed's setting (4 rows x 80 tokens = 320 rows
+M, hidden 1024, MLP 4096, q/k/v joined 3072, 24 layers). For each projection it times, in the
+compute dtype:
+  - the forward product x [M, K] @ w [K, N] (the input gradient has the same shape class);
+  - with N = hidden (a long contraction into few output tiles), the same product split over the
+    contraction (`--split_k`): a batched product over s chunks, then a sum over s;
+  - the weight gradient x^T @ dy one layer at a time, and batched over all layers at once (per layer).
+Time per call is the device's kernel time (the JAX profiler's device lines, so launch gaps are
+left out); without a device timeline (CPU) it is the wall time per call.
+
+    python -m launch.bench gemm                       # gpt2-medium, seed's setting
+    python -m launch.bench gemm --rows=128 --hidden=2048 --inner=8192 --layers=16
+"""
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxrl_sparse.bench.common import append_jsonl, device_info, markdown_table
+
+
+def call_time_us(fn: Callable, *args, reps: int = 20) -> Tuple[float, str]:
+    """(µs per call, 'kernel' | 'wall') of jit(fn)(*args) after a warm-up call."""
+    from jaxrl_sparse.bench.profile import aggregate
+    f = jax.jit(fn)
+    jax.block_until_ready(f(*args))
+    trace = tempfile.mkdtemp(prefix="jaxrl_gemm_")
+    t = time.perf_counter()
+    try:
+        with jax.profiler.trace(trace):
+            for _ in range(reps):
+                out = f(*args)
+            jax.block_until_ready(out)
+    except RuntimeError:  # a trace is already running (`launch.bench profile gemm`): wall time only
+        t = time.perf_counter()
+        for _ in range(reps):
+            out = f(*args)
+        jax.block_until_ready(out)
+        return 1e6 * (time.perf_counter() - t) / reps, "wall"
+    wall = time.perf_counter() - t
+    files = glob.glob(os.path.join(trace, "**", "*.xplane.pb"), recursive=True)
+    lines = aggregate(files[-1], device_prefix="/device:") if files else {}
+    busy = sum(v["busy_ms"] for k, v in lines.items() if "Compute" in k)  # the compute stream(s)
+    if busy > 0:
+        return 1e3 * busy / reps, "kernel"
+    return 1e6 * wall / reps, "wall"
+
+
+def split_k_product(x, w, s: int):
+    """x [M, K] @ w [K, N] as s partial products over K-chunks (one batched gemm), then their sum."""
+    M, K = x.shape
+    return jnp.einsum("msk,skn->smn", x.reshape(M, s, K // s), w.reshape(s, K // s, w.shape[1])).sum(0)
+
+
+def batched_weight_grads(xs, dys):
+    """Weight gradients of L layers at once: xs [L, M, K], dys [L, M, N] -> [L, K, N]."""
+    return jnp.einsum("lmk,lmn->lkn", xs, dys)
+
+
+def run_shapes(rows: int, hidden: int, inner: int, qkv: int, layers: int, split_k: List[int],
+               dtype: str = "float32", reps: int = 20) -> List[Dict[str, Any]]:
+    dt = jnp.dtype(dtype)
+    key = jax.random.key(0)
+    counter = iter(range(1 << 30))
+
+    def rnd(*shape):
+        return jax.random.normal(jax.random.fold_in(key, next(counter)), shape, dt)
+
+    out = []
+
+    def add(what: str, K: int, N: int, variant: str, us: float, how: str, per: int = 1):
+        out.append({"product": what, "M": rows, "K": K, "N": N, "variant": variant, "us_per_call": us / per,
+                    "timing": how, "dtype": dtype})
+
+    projections = [("qkv", hidden, qkv), ("attn out", hidden, hidden), ("mlp up", hidden, inner),
+                   ("mlp down", inner, hidden)]
+    for name, K, N in projections:
+        x, w = rnd(rows, K), rnd(K, N)
+        add(f"{name} forward", K, N, "x @ w", *call_time_us(lambda x, w: x @ w, x, w, reps=reps))
+        for s in split_k:
+            if N == hidden and K % s == 0 and s > 1:
+                f = lambda x, w, s=s: split_k_product(x, w, s)
+                add(f"{name} forward", K, N, f"split over K in {s}", *call_time_us(f, x, w, reps=reps))
+    for name, K, N in projections:
+        x, dy = rnd(rows, K), rnd(rows, N)
+        add(f"{name} weight grad", K, N, "one layer", *call_time_us(lambda x, dy: x.T @ dy, x, dy, reps=reps))
+        xs, dys = rnd(layers, rows, K), rnd(layers, rows, N)
+        us, how = call_time_us(batched_weight_grads, xs, dys, reps=reps)
+        add(f"{name} weight grad", K, N, f"{layers} layers batched (per layer)", us, how, per=layers)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    from absl import flags as _f
+    fv = _f.FlagValues()
+    _f.DEFINE_integer("rows", 320, "tokens per mini-batch (M): seed's setting 4 x (16 + 64)", flag_values=fv)
+    _f.DEFINE_integer("hidden", 1024, "model width", flag_values=fv)
+    _f.DEFINE_integer("inner", 4096, "MLP width", flag_values=fv)
+    _f.DEFINE_integer("qkv", 3072, "joined q/k/v output width", flag_values=fv)
+    _f.DEFINE_integer("layers", 24, "layers for the batched weight gradient", flag_values=fv)
+    _f.DEFINE_list("split_k", ["2", "4", "8"], "contraction splits tried where N = hidden", flag_values=fv)
+    _f.DEFINE_string("dtype", "float32", "float32 (the seed's; TF32 products on GPUs) or bfloat16", flag_values=fv)
+    _f.DEFINE_integer("reps", 20, "calls per timing", flag_values=fv)
+    _f.DEFINE_string("out", "", "append JSON lines here", flag_values=fv)
+    fv(["bench gemm"] + list(argv or []))
+    from jaxrl_sparse.errors import UserError
+    try:
+        splits = [int(s) for s in fv.split_k]
+    except ValueError:
+        raise UserError(f"--split_k={','.join(fv.split_k)}: give whole numbers, e.g. 2,4,8") from None
+    rows = run_shapes(fv.rows, fv.hidden, fv.inner, fv.qkv, fv.layers, splits, fv.dtype, fv.reps)
+    info = device_info()
+    for r in rows:
+        append_jsonl(fv.out or None, {"bench": "gemm", **r, **info})
+    print(markdown_table(rows, [("product", "product"), ("M", "M"), ("K", "K"), ("N", "N"),
+                                ("variant", "variant"), ("us_per_call", "µs / call"), ("timing", "timing")]))
+    print(f"device: {info['device']}")
+    return rows
