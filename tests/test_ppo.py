@@ -55,13 +55,14 @@ def test_one_ppo_step_moves_logprobs_towards_reward():
     assert float(stats["ppo/minibatches_applied"]) == 1.0
 
 
-@pytest.mark.parametrize("small_below,join_qkv", [(0, False), (100, True)])
-def test_layer_loop_update_equals_stacked(small_below, join_qkv):
+@pytest.mark.parametrize("small_below,join", [(0, False), (100, True)])
+def test_layer_loop_update_equals_stacked(small_below, join):
     """Carrying per-layer weights and Adam moments through the mini-batch steps (the accelerator
     default) gives the stacked update's state and statistics: 2 epochs x 2 mini-batches, with a
     gradient mask (split per layer too) that freezes part of one layer's q_proj and all of up_proj.
     (100, True), the accelerator default: the norm scales (32 per layer) stay stacked in the carry,
-    the matrices are split, and q/k/v run as one joined projection (fewer dots in the program)."""
+    the matrices are split, q/k/v run as one joined projection and so do the MLP's gate/up (fewer
+    dots in the program)."""
     Q = 4
     key, params, state, batch = _update_inputs(B=4, mb=2, epochs=2, Q=Q)
     gm = jax.tree_util.tree_map(lambda x: jnp.ones(x.shape, bool), params)
@@ -75,11 +76,15 @@ def test_layer_loop_update_equals_stacked(small_below, join_qkv):
         assert len(jax.tree_util.tree_leaves(split.big)) == 2 * 7
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
     fns = [ppo.make_update_fn(CFG, key, Q, masked=True, layer_loop=loop, small_below=small_below if loop else 0,
-                              join_qkv=join_qkv and loop) for loop in (False, True)]
-    if join_qkv:  # per layer and step: q/k/v projection forward 3 -> 1 dots, input and weight gradients 6 -> 2
-        apart = ppo.make_update_fn(CFG, key, Q, masked=True, layer_loop=True, small_below=small_below, join_qkv=False)
-        dots = [f.lower(state, batch, jax.random.key(3), gm).as_text().count("dot_general") for f in (apart, fns[1])]
-        assert dots[1] == dots[0] - 6 * CFG.num_layers, dots
+                              join_qkv=join and loop, join_gate_up=join and loop) for loop in (False, True)]
+    if join:  # per layer and step, dots of the forward + input gradient + weight gradient:
+        # q/k/v 3 + 3 + 3 -> 1 + 1 + 1, gate/up 2 + 2 + 2 -> 1 + 1 + 1
+        def dots(**joins):
+            f = ppo.make_update_fn(CFG, key, Q, masked=True, layer_loop=True, small_below=small_below, **joins)
+            return f.lower(state, batch, jax.random.key(3), gm).as_text().count("dot_general")
+        apart, qkv_only = dots(join_qkv=False, join_gate_up=False), dots(join_qkv=True, join_gate_up=False)
+        both = fns[1].lower(state, batch, jax.random.key(3), gm).as_text().count("dot_general")
+        assert (apart - qkv_only, qkv_only - both) == (6 * CFG.num_layers, 3 * CFG.num_layers), (apart, qkv_only, both)
     runs = [f(copy(state), batch, jax.random.key(3), gm) for f in fns]
     (s0, st0), (s1, st1) = runs
     assert jax.tree_util.tree_structure(s0) == jax.tree_util.tree_structure(s1)  # stacked again on exit

@@ -30,12 +30,12 @@ SETTINGS = {
 def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed: int = 0, mesh: str = "",
                   per_device_batch: int = 0, breakdown: bool = False,
                   layer_loop: Optional[bool] = None, small_below: Optional[int] = None,
-                  join_qkv: bool = True, log_grad_norm: bool = False) -> Dict[str, Any]:
+                  join_qkv: bool = True, join_gate_up: bool = True, log_grad_norm: bool = False) -> Dict[str, Any]:
     """mesh: 'data:N,fsdp:M' ('' = all devices on data). per_device_batch > 0: the batch is this
     many rows per device (weak scaling), mini-batches keep the setting's batch/mini-batch ratio.
     breakdown: also time the update's parts alone (`update_parts`). layer_loop: the update's
     `ppo.make_update_fn(layer_loop=...)` (None = its default: on for accelerators); small_below: its
-    `small_below` (None = the trainer's `ppo.SMALL_LEAF_STACKED_BELOW`); join_qkv: its `join_qkv`;
+    `small_below` (None = the trainer's `ppo.SMALL_LEAF_STACKED_BELOW`); join_qkv, join_gate_up: its `join_qkv`, `join_gate_up`;
     log_grad_norm: the trainer's --log_grad_norm (off by default, as there)."""
     from jaxrl_sparse import parallel
     from jaxrl_sparse.generate import generate
@@ -76,7 +76,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     if small_below is None:
         small_below = ppo.SMALL_LEAF_STACKED_BELOW
     update_fn = ppo.make_update_fn(mcfg, key, Q, msh, parallel.param_layout(state, msh), layer_loop=layer_loop,
-                                   small_below=small_below, join_qkv=join_qkv)
+                                   small_below=small_below, join_qkv=join_qkv, join_gate_up=join_gate_up)
 
     @jax.jit
     def reward(tokens):
@@ -125,7 +125,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
            "peer_s_per_iter": peer, "peer_samples_per_s": (B / peer) if peer else None,
            "speedup": (peer / total) if peer else None, "mesh": dict(msh.shape),
            "per_device_batch": B // n_rows, "layer_loop": ppo.update_layer_loop(layer_loop), "small_below": small_below,
-           "join_qkv": join_qkv, "log_grad_norm": log_grad_norm,
+           "join_qkv": join_qkv, "join_gate_up": join_gate_up, "log_grad_norm": log_grad_norm,
            "peak_mem_gb": max(peak_mem) / 1e9, "peak_mem_gb_per_device": [m / 1e9 for m in peak_mem],
            **device_info()}
     if breakdown:
@@ -184,6 +184,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                       "stacked (default: the trainer's; 0: every leaf split per layer)", flag_values=fv)
     _f.DEFINE_bool("join_qkv", True, "with the layer loop, each layer's q/k/v projections run as one gemm",
                    flag_values=fv)
+    _f.DEFINE_bool("join_gate_up", True, "with the layer loop, a gated MLP's gate/up projections run as one "
+                   "gemm (no-op for gpt2, which has no gate)", flag_values=fv)
     _f.DEFINE_bool("log_grad_norm", False, "the update also computes the gradients' global norm per "
                    "mini-batch step (the trainer's --log_grad_norm)", flag_values=fv)
     fv(["bench ppo"] + list(argv or []))
@@ -195,7 +197,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
             raise UserError(f"--settings: unknown {s!r}; choose {', '.join(SETTINGS)}")
         row = bench_setting(s, fv.model, fv.repeats, mesh=fv.mesh, per_device_batch=fv.per_device_batch,
                             breakdown=fv.breakdown, layer_loop=loop,
-                            small_below=fv.small_below, join_qkv=fv.join_qkv,
+                            small_below=fv.small_below, join_qkv=fv.join_qkv, join_gate_up=fv.join_gate_up,
                             log_grad_norm=fv.log_grad_norm)
         rows.append(row)
         append_jsonl(fv.out or None, {"bench": "ppo", **row})

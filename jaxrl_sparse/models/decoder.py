@@ -310,7 +310,7 @@ class AttnParams(nn.Module):
         self.q_proj = _dense(cfg, H * hd, None, cfg.qkv_bias)
         self.k_proj = _dense(cfg, K * hd, None, cfg.qkv_bias)
         self.v_proj = _dense(cfg, K * hd, None, cfg.qkv_bias)
-        self.qkv_proj = _dense(cfg, (H + 2 * K) * hd, None, cfg.qkv_bias)  # only with `fuse_qkv` params
+        self.qkv_proj = _dense(cfg, (H + 2 * K) * hd, None, cfg.qkv_bias)  # only with `join_projections` params
         self.o_proj = _dense(cfg, cfg.hidden_size, None, cfg.is_gpt2)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.norm_eps, True, _dt(cfg.param_dtype))
@@ -320,7 +320,7 @@ class AttnParams(nn.Module):
         cfg = self.cfg
         B, T, _ = h.shape
         H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        if self.has_variable("params", "qkv_proj"):  # joined projections (`fuse_qkv`): one gemm
+        if self.has_variable("params", "qkv_proj"):  # joined projections (`join_projections`): one gemm
             q, k, v = jnp.split(self.qkv_proj(h), [H * hd, (H + K) * hd], axis=-1)
         else:
             q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
@@ -344,8 +344,12 @@ class Mlp(nn.Module):
     def __call__(self, h):
         cfg = self.cfg
         if cfg.gated_mlp:
-            g = _dense(cfg, cfg.intermediate_size, "gate_proj", False)(h)
-            u = _dense(cfg, cfg.intermediate_size, "up_proj", False)(h)
+            if self.has_variable("params", "gate_up_proj"):  # joined (`join_projections`): one gemm
+                I = cfg.intermediate_size
+                g, u = jnp.split(_dense(cfg, 2 * I, "gate_up_proj", False)(h), [I], axis=-1)
+            else:
+                g = _dense(cfg, cfg.intermediate_size, "gate_proj", False)(h)
+                u = _dense(cfg, cfg.intermediate_size, "up_proj", False)(h)
             return _dense(cfg, cfg.hidden_size, "down_proj", False)(_act(cfg, g) * u)
         u = _dense(cfg, cfg.intermediate_size, "up_proj", True)(h)
         return _dense(cfg, cfg.hidden_size, "down_proj", True)(_act(cfg, u))
@@ -585,34 +589,45 @@ def stack_layers(layers):
     return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)
 
 
-_QKV = ("q_proj", "k_proj", "v_proj")
+# Projections that read the same input, joined on their output axis by `join_projections`:
+# (module, parts in order, joined name).
+_JOINS = (("attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+          ("mlp", ("gate_proj", "up_proj"), "gate_up_proj"))
 
 
-def fuse_qkv(layers):
-    """Layer params (stacked or one layer's) with attn q/k/v projections joined into 'qkv_proj'.
+def join_projections(layers, qkv: bool = True, gate_up: bool = True):
+    """Layer params (stacked or one layer's) with projections of one input joined into one.
 
-    Kernels and biases are concatenated on their output axis, so one gemm computes q, k and v (and
-    in the backward one gemm each gives the input gradient and the weight gradient, where three
-    did). Elementwise optimizer states and gradient masks laid out like the params join the same
-    way; `unfuse_qkv` splits them back exactly.
+    qkv: attn q/k/v -> 'qkv_proj'; gate_up: a gated MLP's gate/up -> 'gate_up_proj' (no-op without
+    a gate). Kernels and biases are concatenated on their output axis, so one gemm computes the
+    parts (and in the backward one gemm each gives the input gradient and the weight gradient,
+    where one per part did). Elementwise optimizer states and gradient masks laid out like the
+    params join the same way; `split_projections` splits them back exactly.
     """
-    attn = layers["attn"]
-    if "qkv_proj" in attn:
-        return layers
-    joined = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=-1), *(attn[n] for n in _QKV))
-    return {**layers, "attn": {**{k: v for k, v in attn.items() if k not in _QKV}, "qkv_proj": joined}}
+    for module, parts, joined in _JOINS:
+        if not {"attn": qkv, "mlp": gate_up}[module]:
+            continue
+        sub = layers.get(module, {})
+        if joined in sub or not all(n in sub for n in parts):
+            continue
+        cat = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=-1), *(sub[n] for n in parts))
+        layers = {**layers, module: {**{k: v for k, v in sub.items() if k not in parts}, joined: cat}}
+    return layers
 
 
-def unfuse_qkv(layers, cfg: ModelConfig):
-    """Inverse of `fuse_qkv`."""
-    attn = layers["attn"]
-    if "qkv_proj" not in attn:
-        return layers
-    cuts = [cfg.num_heads * cfg.head_dim, (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim]
-    parts = jax.tree_util.tree_map(lambda a: jnp.split(a, cuts, axis=-1), attn["qkv_proj"])
-    split = {n: jax.tree_util.tree_map(lambda p, i=i: p[i], parts, is_leaf=lambda x: isinstance(x, list))
-             for i, n in enumerate(_QKV)}
-    return {**layers, "attn": {**{k: v for k, v in attn.items() if k != "qkv_proj"}, **split}}
+def split_projections(layers, cfg: ModelConfig):
+    """Inverse of `join_projections`."""
+    hd, H, K = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    cuts = {"attn": [H * hd, (H + K) * hd], "mlp": [cfg.intermediate_size]}
+    for module, parts, joined in _JOINS:
+        sub = layers.get(module, {})
+        if joined not in sub:
+            continue
+        pieces = jax.tree_util.tree_map(lambda a: jnp.split(a, cuts[module], axis=-1), sub[joined])
+        back = {n: jax.tree_util.tree_map(lambda p, i=i: p[i], pieces, is_leaf=lambda x: isinstance(x, list))
+                for i, n in enumerate(parts)}
+        layers = {**layers, module: {**{k: v for k, v in sub.items() if k != joined}, **back}}
+    return layers
 
 
 def map_layers(tree, fn):

@@ -26,8 +26,8 @@ from jaxrl_sparse import checkpoint, parallel
 from jaxrl_sparse.errors import UserError
 from jaxrl_sparse.metrics import MetricsLog, default_workdir, is_writer, plot_curves
 from jaxrl_sparse.models.config import ModelConfig
-from jaxrl_sparse.models.decoder import (forward, fuse_qkv, lm_logits, map_layers, split_layers, stack_layers,
-                                         unfuse_qkv)
+from jaxrl_sparse.models.decoder import (forward, join_projections, lm_logits, map_layers, split_layers,
+                                         split_projections, stack_layers)
 from jaxrl_sparse.models.value_head import init_value_head, value_head_apply
 from jaxrl_sparse.rl import ppo_math as pm
 
@@ -275,7 +275,7 @@ def update_layer_loop(layer_loop: Optional[bool] = None) -> bool:
 def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
                    layout: Optional[parallel.Layout] = None, masked: bool = False,
                    layer_loop: Optional[bool] = None, small_below: int = SMALL_LEAF_STACKED_BELOW,
-                   join_qkv: bool = True):
+                   join_qkv: bool = True, join_gate_up: bool = True):
     """jit: (state, batch, key, grad_mask) -> (state, stats). All PPO epochs and mini-batches in one function.
 
     state = {'trainable': {'model', 'value_head'}, 'opt_state'}; batch holds tokens/mask [B,Q+N],
@@ -289,12 +289,14 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
     in the mini-batch scan copies the carry). Leaves under `small_below` elements per layer
     (biases, norm scales) stay stacked: one Adam kernel and one norm term each, not one per layer
     (`decoder.LayerSplit`; 0 splits every leaf). join_qkv: the carry also holds each layer's q/k/v
-    projections joined (`decoder.fuse_qkv`, weights and Adam moments): one gemm where three ran
-    (one device only: joining along a sharded axis would move data).
+    projections joined (`decoder.join_projections`, weights and Adam moments): one gemm where three ran;
+    join_gate_up: likewise a gated MLP's gate/up projections (one gemm where two ran). One device
+    only: joining along a sharded axis would move data.
     None = on for accelerators, off on CPU (compile time).
     """
     layer_loop = update_layer_loop(layer_loop)
-    join_qkv = join_qkv and (mesh is None or mesh.size == 1)  # a sharded output axis would need gathers
+    one_device = mesh is None or mesh.size == 1  # joining along a sharded output axis would need gathers
+    join_qkv, join_gate_up = join_qkv and one_device, join_gate_up and one_device
     B, mb = pcfg.batch_size, pcfg.mini_batch_size
     n_mb = B // mb
     optimizer = make_optimizer(pcfg)
@@ -317,7 +319,7 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
 
         if layer_loop:
             def split(layers):
-                return split_layers(fuse_qkv(layers) if join_qkv else layers, small_below)
+                return split_layers(join_projections(layers, join_qkv, join_gate_up), small_below)
 
             state = map_layers(state, split)
             grad_mask = map_layers(grad_mask, split)
@@ -326,7 +328,7 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
         epoch_end = (jnp.arange(pcfg.ppo_epochs * n_mb) % n_mb) == n_mb - 1
         (state, _), stats = jax.lax.scan(mb_step, (state, jnp.zeros((), jnp.bool_)), (perms, epoch_end))
         if layer_loop:
-            state = map_layers(state, lambda layers: unfuse_qkv(stack_layers(layers), mcfg))
+            state = map_layers(state, lambda layers: split_projections(stack_layers(layers), mcfg))
         w = stats.pop("ppo/applied")
         mean = {k: jnp.sum(v * w) / jnp.maximum(jnp.sum(w), 1.0) for k, v in stats.items()}
         mean["ppo/minibatches_applied"] = jnp.sum(w)
