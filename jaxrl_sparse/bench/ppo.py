@@ -35,8 +35,8 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     many rows per device (weak scaling), mini-batches keep the setting's batch/mini-batch ratio.
     breakdown: also time the update's parts alone (`update_parts`). layer_loop: the update's
     `ppo.make_update_fn(layer_loop=...)` (None = its default: on for accelerators); small_below: its
-    `small_below` (None = the trainer's `ppo.SMALL_LEAF_STACKED_BELOW`); join_qkv, join_gate_up: its `join_qkv`, `join_gate_up`;
-    log_grad_norm: the trainer's --log_grad_norm (off by default, as there)."""
+    `small_below` (None = the trainer's `ppo.SMALL_LEAF_STACKED_BELOW`); join_qkv, join_gate_up: its
+    `join_qkv`, `join_gate_up`; log_grad_norm: the trainer's --log_grad_norm (off by default, as there)."""
     from jaxrl_sparse import parallel
     from jaxrl_sparse.generate import generate
     from jaxrl_sparse.models import classifier as clf
