@@ -15,8 +15,6 @@ left out); without a device timeline (CPU) it is the wall time per call.
 """
 from __future__ import annotations
 
-import glob
-import os
 import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -29,7 +27,7 @@ from jaxrl_sparse.bench.common import append_jsonl, device_info, markdown_table
 
 def call_time_us(fn: Callable, *args, reps: int = 20) -> Tuple[float, str]:
     """(µs per call, 'kernel' | 'wall') of jit(fn)(*args) after a warm-up call."""
-    from jaxrl_sparse.bench.profile import aggregate
+    from jaxrl_sparse.bench.profile import aggregate, latest_trace
     f = jax.jit(fn)
     jax.block_until_ready(f(*args))
     trace = tempfile.mkdtemp(prefix="jaxrl_gemm_")
@@ -46,8 +44,8 @@ def call_time_us(fn: Callable, *args, reps: int = 20) -> Tuple[float, str]:
         jax.block_until_ready(out)
         return 1e6 * (time.perf_counter() - t) / reps, "wall"
     wall = time.perf_counter() - t
-    files = glob.glob(os.path.join(trace, "**", "*.xplane.pb"), recursive=True)
-    lines = aggregate(files[-1], device_prefix="/device:") if files else {}
+    path = latest_trace(trace)
+    lines = aggregate(path, device_prefix="/device:") if path else {}
     busy = sum(v["busy_ms"] for k, v in lines.items() if "Compute" in k)  # the compute stream(s)
     if busy > 0:
         return 1e3 * busy / reps, "kernel"

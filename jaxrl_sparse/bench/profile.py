@@ -67,6 +67,12 @@ def aggregate(xplane_path: str, device_prefix: Optional[str] = None) -> Dict[str
     return out
 
 
+def latest_trace(trace_dir: str) -> Optional[str]:
+    """The newest `*.xplane.pb` the profiler wrote under trace_dir (None when it wrote none)."""
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    return files[-1] if files else None
+
+
 _HLO_FUSION = re.compile(r"^\s*(?:ROOT )?%(\S+) = .* (?:fusion|custom-call)\(")
 
 
@@ -141,10 +147,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
     with jax.profiler.trace(trace_dir):
         dispatch(rest)
     print(f"\nprofiled `{' '.join(rest)}` in {time.perf_counter() - t:.1f} s; trace in {trace_dir}")
-    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
-    if not files:
+    path = latest_trace(trace_dir)
+    if path is None:
         raise UserError(f"the profiler wrote no trace under {trace_dir}; check that the profiler works here")
-    tables = aggregate(files[-1])
+    tables = aggregate(path)
     if opts["--profile_hlo"]:
         tables = annotate(tables, hlo_ops(opts["--profile_hlo"]))
     print_tables(tables, int(opts["--profile_top"]))
