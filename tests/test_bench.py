@@ -70,12 +70,18 @@ def test_gemm_bench_rewrites_equal_the_products_and_run():
     xs, dys = jax.random.normal(k[2], (3, 6, 8)), jax.random.normal(k[3], (3, 6, 5))
     want = np.stack([np.asarray(xs[l]).T @ np.asarray(dys[l]) for l in range(3)])
     np.testing.assert_allclose(np.asarray(batched_weight_grads(xs, dys)), want, rtol=1e-5, atol=1e-5)
-    rows = dispatch(["gemm", "--rows=8", "--hidden=16", "--inner=32", "--qkv=48", "--layers=3", "--split_k=2",
-                     "--reps=2"])
+    small = ["gemm", "--rows=8", "--hidden=16", "--inner=32", "--qkv=48", "--layers=3", "--reps=2"]
+    rows = dispatch(small + ["--split_k=2", "--parts=products"])
     assert len(rows) == 4 + 2 + 8  # 4 forwards, split-K where N = hidden (attn out, mlp down), 4 x 2 weight grads
     assert all(r["us_per_call"] > 0 for r in rows)
+    # weight gradient + Adam, XLA's and fused (off the GPU the fused call lowers to the same jnp: no error)
+    rows = dispatch(small + ["--parts=dw_adam", "--dw_adam_blocks=32x32x16w4s2t"])
+    assert [r["variant"] for r in rows[:2]] == ["XLA: gemm, then Adam", "fused 16x16x16w4s2t"]  # fitted to qkv: K 16, N 48
+    assert len(rows) == 4 * 2 and all(r["max_err"] == 0.0 and r["us_per_call"] > 0 for r in rows)
     with pytest.raises(UserError, match="split_k"):
         dispatch(["gemm", "--split_k=two"])
+    with pytest.raises(UserError, match="BKxBN"):
+        dispatch(["gemm", "--dw_adam_blocks=64x64"])
 
 
 def test_profile_tables_and_hlo_op_names(tmp_path):

@@ -7,6 +7,8 @@ compute dtype:
   - with N = hidden (a long contraction into few output tiles), the same product split over the
     contraction (`--split_k`): a batched product over s chunks, then a sum over s;
   - the weight gradient x^T @ dy one layer at a time, and batched over all layers at once (per layer).
+With --parts=dw_adam, the weight gradient and Adam step of each projection, XLA's way against the
+fused kernel (`kernels.dw_adam`) over block configurations (`--dw_adam_blocks`).
 Time per call is the device's kernel time (the JAX profiler's device lines, so launch gaps are
 left out); without a device timeline (CPU) it is the wall time per call.
 
@@ -25,22 +27,33 @@ import jax.numpy as jnp
 from jaxrl_sparse.bench.common import append_jsonl, device_info, markdown_table
 
 
-def call_time_us(fn: Callable, *args, reps: int = 20) -> Tuple[float, str]:
-    """(µs per call, 'kernel' | 'wall') of jit(fn)(*args) after a warm-up call."""
+def call_time_us(fn: Callable, *args, reps: int = 20, carry: Tuple[int, ...] = ()) -> Tuple[float, str]:
+    """(µs per call, 'kernel' | 'wall') of jit(fn)(*args) after a warm-up call.
+
+    carry: argument positions that are state (e.g. weights and Adam moments): they are donated and
+    fn's outputs, in that order, replace them for the next call, as in a training loop."""
     from jaxrl_sparse.bench.profile import aggregate, latest_trace
-    f = jax.jit(fn)
-    jax.block_until_ready(f(*args))
+    f = jax.jit(fn, donate_argnums=carry)
+    args = list(args)
+
+    def call():
+        out = f(*args)
+        for i, o in zip(carry, out if carry else ()):
+            args[i] = o
+        return out
+
+    jax.block_until_ready(call())
     trace = tempfile.mkdtemp(prefix="jaxrl_gemm_")
     t = time.perf_counter()
     try:
         with jax.profiler.trace(trace):
             for _ in range(reps):
-                out = f(*args)
+                out = call()
             jax.block_until_ready(out)
     except RuntimeError:  # a trace is already running (`launch.bench profile gemm`): wall time only
         t = time.perf_counter()
         for _ in range(reps):
-            out = f(*args)
+            out = call()
         jax.block_until_ready(out)
         return 1e6 * (time.perf_counter() - t) / reps, "wall"
     wall = time.perf_counter() - t
@@ -63,6 +76,66 @@ def batched_weight_grads(xs, dys):
     return jnp.einsum("lmk,lmn->lkn", xs, dys)
 
 
+def projections(hidden: int, inner: int, qkv: int):
+    """(name, K, N) of one layer's weight matrices."""
+    return [("qkv", hidden, qkv), ("attn out", hidden, hidden), ("mlp up", hidden, inner), ("mlp down", inner, hidden)]
+
+
+def parse_blocks(spec: str):
+    """'64x128x32w4s2[t][p]' -> kernels.dw_adam.Blocks(bk=64, bn=128, bm=32, num_warps=4, num_stages=2,
+    transposed='t' given, prefetch='p' given)."""
+    import re
+    from jaxrl_sparse.errors import UserError
+    from jaxrl_sparse.kernels.dw_adam import Blocks
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(t?)(p?)", spec.strip())
+    if not m:
+        raise UserError(f"blocks {spec!r}: write BKxBNxBMwWARPSsSTAGES[t][p], e.g. 64x64x32w4s2tp")
+    *ints, t, p = m.groups()
+    return Blocks(*(int(v) for v in ints), transposed=bool(t), prefetch=bool(p))
+
+
+def block_name(b) -> str:
+    return f"{b.bk}x{b.bn}x{b.bm}w{b.num_warps}s{b.num_stages}{'t' * b.transposed}{'p' * b.prefetch}"
+
+
+DW_ADAM_SWEEP = ("64x64x32w4s2", "64x64x32w4s2p", "64x64x32w4s2t", "64x64x32w4s2tp", "128x64x32w4s3tp",
+                 "64x128x32w4s3tp", "128x128x32w8s3tp", "64x64x64w4s3tp", "32x64x32w2s2tp", "64x64x16w4s3tp")
+
+
+def run_dw_adam(rows: int, projections, blocks: List[str], dtype: str = "float32",
+                reps: int = 20) -> List[Dict[str, Any]]:
+    """Weight gradient + Adam step of each projection: as XLA runs it (a gemm, then the elementwise
+    Adam) and as the fused kernel (`kernels.dw_adam`) with each block configuration; weights and
+    moments are carried (donated) from call to call. max_err: largest |difference| of the updated
+    weights from XLA's after one step (TF32 products in both, summed in different orders)."""
+    from jaxrl_sparse.kernels import dw_adam as fz
+    hyper = fz.AdamHyper(lr=1e-5)
+    corr = fz.corrections(jnp.int32(3), hyper)
+    key = jax.random.key(1)
+    out = []
+    for name, K, N in projections:
+        ks = jax.random.split(jax.random.fold_in(key, K * 7 + N), 5)
+        x = jax.random.normal(ks[0], (rows, K), jnp.dtype(dtype))
+        dy = (1e-3 * jax.random.normal(ks[1], (rows, N))).astype(dtype)
+        state = lambda: (jax.random.normal(ks[2], (K, N)) * 0.02, 1e-4 * jax.random.normal(ks[3], (K, N)),
+                         1e-8 * jax.random.uniform(ks[4], (K, N)))
+        ref = jax.jit(lambda x, dy, p, m, v: fz.dw_adam_reference(x, dy, p, m, v, corr, hyper=hyper))
+        want = ref(x, dy, *state())[0]
+        base = {"product": f"{name} weight grad + Adam", "M": rows, "K": K, "N": N, "dtype": dtype}
+        us, how = call_time_us(ref, x, dy, *state(), reps=reps, carry=(2, 3, 4))
+        out.append({**base, "variant": "XLA: gemm, then Adam", "us_per_call": us, "timing": how, "max_err": 0.0})
+        for spec in blocks:
+            b = fz.fit_blocks(K, N, parse_blocks(spec))
+            if b is None:
+                continue
+            f = lambda x, dy, p, m, v, b=b: fz.dw_adam(x, dy, p, m, v, corr, hyper=hyper, blocks=b)
+            err = float(jnp.max(jnp.abs(jax.jit(f)(x, dy, *state())[0] - want)))
+            us, how = call_time_us(f, x, dy, *state(), reps=reps, carry=(2, 3, 4))
+            out.append({**base, "variant": f"fused {block_name(b)}", "us_per_call": us, "timing": how,
+                        "max_err": err})
+    return out
+
+
 def run_shapes(rows: int, hidden: int, inner: int, qkv: int, layers: int, split_k: List[int],
                dtype: str = "float32", reps: int = 20) -> List[Dict[str, Any]]:
     dt = jnp.dtype(dtype)
@@ -78,16 +151,14 @@ def run_shapes(rows: int, hidden: int, inner: int, qkv: int, layers: int, split_
         out.append({"product": what, "M": rows, "K": K, "N": N, "variant": variant, "us_per_call": us / per,
                     "timing": how, "dtype": dtype})
 
-    projections = [("qkv", hidden, qkv), ("attn out", hidden, hidden), ("mlp up", hidden, inner),
-                   ("mlp down", inner, hidden)]
-    for name, K, N in projections:
+    for name, K, N in projections(hidden, inner, qkv):
         x, w = rnd(rows, K), rnd(K, N)
         add(f"{name} forward", K, N, "x @ w", *call_time_us(lambda x, w: x @ w, x, w, reps=reps))
         for s in split_k:
             if N == hidden and K % s == 0 and s > 1:
                 f = lambda x, w, s=s: split_k_product(x, w, s)
                 add(f"{name} forward", K, N, f"split over K in {s}", *call_time_us(f, x, w, reps=reps))
-    for name, K, N in projections:
+    for name, K, N in projections(hidden, inner, qkv):
         x, dy = rnd(rows, K), rnd(rows, N)
         add(f"{name} weight grad", K, N, "one layer", *call_time_us(lambda x, dy: x.T @ dy, x, dy, reps=reps))
         xs, dys = rnd(layers, rows, K), rnd(layers, rows, N)
@@ -107,6 +178,11 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     _f.DEFINE_list("split_k", ["2", "4", "8"], "contraction splits tried where N = hidden", flag_values=fv)
     _f.DEFINE_string("dtype", "float32", "float32 (the seed's; TF32 products on GPUs) or bfloat16", flag_values=fv)
     _f.DEFINE_integer("reps", 20, "calls per timing", flag_values=fv)
+    _f.DEFINE_list("parts", ["products", "dw_adam"], "products: forward and weight-gradient gemms and "
+                   "their rewrites; dw_adam: weight gradient + Adam, XLA's way and fused", flag_values=fv)
+    _f.DEFINE_list("dw_adam_blocks", list(DW_ADAM_SWEEP), "block configurations of the fused kernel "
+                   "(BKxBNxBMwWARPSsSTAGES, then t: X and dY transposed first, p: weights and moments "
+                   "loaded before the contraction)", flag_values=fv)
     _f.DEFINE_string("out", "", "append JSON lines here", flag_values=fv)
     fv(["bench gemm"] + list(argv or []))
     from jaxrl_sparse.errors import UserError
@@ -114,11 +190,21 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         splits = [int(s) for s in fv.split_k]
     except ValueError:
         raise UserError(f"--split_k={','.join(fv.split_k)}: give whole numbers, e.g. 2,4,8") from None
-    rows = run_shapes(fv.rows, fv.hidden, fv.inner, fv.qkv, fv.layers, splits, fv.dtype, fv.reps)
+    for p in fv.parts:
+        if p not in ("products", "dw_adam"):
+            raise UserError(f"--parts: unknown {p!r}; choose products, dw_adam")
+    for spec in fv.dw_adam_blocks:
+        parse_blocks(spec)
+    rows = []
+    if "products" in fv.parts:
+        rows += run_shapes(fv.rows, fv.hidden, fv.inner, fv.qkv, fv.layers, splits, fv.dtype, fv.reps)
+    if "dw_adam" in fv.parts:
+        rows += run_dw_adam(fv.rows, projections(fv.hidden, fv.inner, fv.qkv), fv.dw_adam_blocks, fv.dtype, fv.reps)
     info = device_info()
     for r in rows:
         append_jsonl(fv.out or None, {"bench": "gemm", **r, **info})
     print(markdown_table(rows, [("product", "product"), ("M", "M"), ("K", "K"), ("N", "N"),
-                                ("variant", "variant"), ("us_per_call", "µs / call"), ("timing", "timing")]))
+                                ("variant", "variant"), ("us_per_call", "µs / call"), ("timing", "timing"),
+                                ("max_err", "max |Δ| vs XLA")]))
     print(f"device: {info['device']}")
     return rows

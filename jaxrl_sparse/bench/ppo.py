@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_sparse.bench.common import append_jsonl, device_info, markdown_table, peak_memory_bytes
+from jaxrl_sparse.bench.gemm import parse_blocks
 
 SETTINGS = {
     # name: (batch, mini_batch, epochs, query, response, dtype, top_k, top_p, TRL s/iter on H100)
@@ -30,13 +31,16 @@ SETTINGS = {
 def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed: int = 0, mesh: str = "",
                   per_device_batch: int = 0, breakdown: bool = False,
                   layer_loop: Optional[bool] = None, small_below: Optional[int] = None,
-                  join_qkv: bool = True, join_gate_up: bool = True, log_grad_norm: bool = False) -> Dict[str, Any]:
+                  join_qkv: bool = True, join_gate_up: bool = True, log_grad_norm: bool = False,
+                  fused_adam: str = "auto", fused_blocks: str = "") -> Dict[str, Any]:
     """mesh: 'data:N,fsdp:M' ('' = all devices on data). per_device_batch > 0: the batch is this
     many rows per device (weak scaling), mini-batches keep the setting's batch/mini-batch ratio.
     breakdown: also time the update's parts alone (`update_parts`). layer_loop: the update's
     `ppo.make_update_fn(layer_loop=...)` (None = its default: on for accelerators); small_below: its
     `small_below` (None = the trainer's `ppo.SMALL_LEAF_STACKED_BELOW`); join_qkv, join_gate_up: its
-    `join_qkv`, `join_gate_up`; log_grad_norm: the trainer's --log_grad_norm (off by default, as there)."""
+    `join_qkv`, `join_gate_up`; log_grad_norm, fused_adam: the trainer's --log_grad_norm (off by
+    default, as there) and --fused_adam; fused_blocks: the fused kernel's tiles ('' = its default,
+    else `gemm.parse_blocks`' format)."""
     from jaxrl_sparse import parallel
     from jaxrl_sparse.generate import generate
     from jaxrl_sparse.models import classifier as clf
@@ -66,7 +70,8 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     cparams = parallel.init_sharded(lambda key: clf.init_params(ccfg, key), msh, jax.random.fold_in(k, 1))
     pcfg = ppo.PPOConfig(batch_size=B, mini_batch_size=mb, ppo_epochs=epochs, query_len=Q,
                          output_min_length=N, output_max_length=N, top_k=top_k, top_p=top_p,
-                         param_dtype=dtype, compute_dtype=dtype, log_grad_norm=log_grad_norm)
+                         param_dtype=dtype, compute_dtype=dtype, log_grad_norm=log_grad_norm,
+                         fused_adam=fused_adam).validate()
     trainable = {"model": params, "value_head": parallel.put_params(init_value_head(mcfg.hidden_size, k), msh)}
     opt = ppo.make_optimizer(pcfg)
     opt_sh = parallel.param_shardings(jax.eval_shape(opt.init, trainable), msh)
@@ -76,7 +81,8 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     if small_below is None:
         small_below = ppo.SMALL_LEAF_STACKED_BELOW
     update_fn = ppo.make_update_fn(mcfg, key, Q, msh, parallel.param_layout(state, msh), layer_loop=layer_loop,
-                                   small_below=small_below, join_qkv=join_qkv, join_gate_up=join_gate_up)
+                                   small_below=small_below, join_qkv=join_qkv, join_gate_up=join_gate_up,
+                                   **({"fused_blocks": parse_blocks(fused_blocks)} if fused_blocks else {}))
 
     @jax.jit
     def reward(tokens):
@@ -126,6 +132,8 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
            "speedup": (peer / total) if peer else None, "mesh": dict(msh.shape),
            "per_device_batch": B // n_rows, "layer_loop": ppo.update_layer_loop(layer_loop), "small_below": small_below,
            "join_qkv": join_qkv, "join_gate_up": join_gate_up, "log_grad_norm": log_grad_norm,
+           "fused_adam": ppo.use_fused_adam(key, ppo.update_layer_loop(layer_loop), msh.size == 1),
+           "fused_blocks": fused_blocks,
            "peak_mem_gb": max(peak_mem) / 1e9, "peak_mem_gb_per_device": [m / 1e9 for m in peak_mem],
            **device_info()}
     if breakdown:
@@ -188,7 +196,13 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                    "gemm (no-op for gpt2, which has no gate)", flag_values=fv)
     _f.DEFINE_bool("log_grad_norm", False, "the update also computes the gradients' global norm per "
                    "mini-batch step (the trainer's --log_grad_norm)", flag_values=fv)
+    _f.DEFINE_enum("fused_adam", "auto", ["auto", "on", "off"], "the trainer's --fused_adam: each weight "
+                   "matrix's gradient and Adam step as one kernel (auto: on GPUs where it applies)", flag_values=fv)
+    _f.DEFINE_string("fused_blocks", "", "tiles of the fused kernel, BKxBNxBMwWARPSsSTAGES ('' = default)",
+                     flag_values=fv)
     fv(["bench ppo"] + list(argv or []))
+    if fv.fused_blocks:
+        parse_blocks(fv.fused_blocks)
     loop = {"auto": None, "on": True, "off": False}[fv.layer_loop]
     rows = []
     for s in fv.settings:
@@ -198,7 +212,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         row = bench_setting(s, fv.model, fv.repeats, mesh=fv.mesh, per_device_batch=fv.per_device_batch,
                             breakdown=fv.breakdown, layer_loop=loop,
                             small_below=fv.small_below, join_qkv=fv.join_qkv, join_gate_up=fv.join_gate_up,
-                            log_grad_norm=fv.log_grad_norm)
+                            log_grad_norm=fv.log_grad_norm, fused_adam=fv.fused_adam,
+                            fused_blocks=fv.fused_blocks)
         rows.append(row)
         append_jsonl(fv.out or None, {"bench": "ppo", **row})
     print(markdown_table(rows, [("setting", "setting"), ("batch", "B"), ("mini_batch", "mb"),

@@ -26,10 +26,12 @@ from jaxrl_sparse import checkpoint, parallel
 from jaxrl_sparse.errors import UserError
 from jaxrl_sparse.metrics import MetricsLog, default_workdir, is_writer, plot_curves
 from jaxrl_sparse.models.config import ModelConfig
-from jaxrl_sparse.models.decoder import (forward, join_projections, lm_logits, map_layers, split_layers,
-                                         split_projections, stack_layers)
+from jaxrl_sparse.kernels import dw_adam as fused
+from jaxrl_sparse.models.decoder import (LayerSplit, forward, join_projections, lm_logits, map_layers,
+                                         split_layers, split_projections, stack_layers)
 from jaxrl_sparse.models.value_head import init_value_head, value_head_apply
 from jaxrl_sparse.rl import ppo_math as pm
+from jaxrl_sparse.transforms import capture
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,7 @@ class PPOConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 0.0             # 0 = no clipping (TRL default None)
     log_grad_norm: bool = False            # log ppo/grad_norm (a reduction over every gradient per step; TRL has none)
+    fused_adam: str = "auto"               # auto | on | off: weight gradient + Adam as one kernel per matrix (auto: on GPUs)
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
@@ -110,6 +113,11 @@ class PPOConfig:
             raise UserError(f"--master_weights={self.master_weights!r}; choose none or fp32")
         if self.reward_text not in ("query_response", "review_response", "response"):
             raise UserError(f"--reward_text={self.reward_text!r}; choose query_response, review_response or response")
+        if self.fused_adam not in ("auto", "on", "off"):
+            raise UserError(f"--fused_adam={self.fused_adam!r}; choose auto, on or off")
+        if self.fused_adam == "on" and (self.max_grad_norm > 0 or self.log_grad_norm):
+            raise UserError("--fused_adam=on never forms the weight gradients that --max_grad_norm and "
+                            "--log_grad_norm need; use --fused_adam=auto or off with them")
         if self.data not in ("generated", "imdb", "jsonl"):
             raise UserError(f"--data={self.data!r}; choose generated, imdb or jsonl")
         if self.data == "jsonl" and not self.prompts_file:
@@ -224,10 +232,16 @@ def compile_key(pcfg: PPOConfig) -> PPOConfig:
 
 
 def make_loss_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int):
-    """(trainable, mini-batch) -> (PPO loss, stats): the function each mini-batch step differentiates."""
+    """(trainable, mini-batch[, captures]) -> (PPO loss, stats): what each mini-batch step differentiates.
 
-    def loss_fn(trainable, mbatch):
+    captures (per layer, `capture.zero_captures`; the model's layers split per layer): those Dense
+    layers expose X and dY as the captures' gradients (run under `capture.intercepting()`)."""
+
+    def loss_fn(trainable, mbatch, captures=None):
         pol = policy_params(trainable, pcfg)
+        if captures is not None:
+            pol = {**pol, "layers": tuple(capture.with_captures(layer, c)
+                                          for layer, c in zip(split_layers(pol["layers"]), captures, strict=True))}
         lp, v, logits = response_outputs(pol, trainable["value_head"], mcfg, mbatch["tokens"],
                                          mbatch["mask"], Q)
         return pm.ppo_loss(mbatch["logprobs"], mbatch["values"], lp, v, mbatch["advantages"],
@@ -262,6 +276,85 @@ def minibatch_step(loss_fn, optimizer: optax.GradientTransformation, state, mbat
     return apply_grads(optimizer, state, grads, grad_mask), stats
 
 
+def adam_hyper(pcfg: PPOConfig) -> fused.AdamHyper:
+    """`make_optimizer`'s Adam as the fused kernel's constants (optax.adam's b1, b2 defaults)."""
+    return fused.AdamHyper(lr=float(pcfg.learning_rate), eps=float(pcfg.adam_eps))
+
+
+def _adam_state(opt_state) -> optax.ScaleByAdamState:
+    """The Adam moments in `make_optimizer`'s state without clipping: chain(adam) = ((adam, lr),)."""
+    st = opt_state[0][0]
+    if not isinstance(st, optax.ScaleByAdamState):
+        raise TypeError(f"fused Adam expects make_optimizer's plain Adam state, got {type(st).__name__}")
+    return st
+
+
+def _layer_at(tree, l: int, path):
+    """The param dict at `path` in layer l of a model-shaped tree whose layers are a LayerSplit."""
+    node = tree["layers"].big[l]
+    for name in path:
+        node = node[name]
+    return node
+
+
+def _set_kernels(tree, new_kernels):
+    """A model-shaped tree (layers a LayerSplit) with new_kernels[l][path] put at path/kernel of layer l."""
+    ls: LayerSplit = tree["layers"]
+    big = tuple(capture.with_captures(b, {path: {"kernel": k} for path, k in ks.items()})
+                for b, ks in zip(ls.big, new_kernels, strict=True))
+    return {**tree, "layers": ls._replace(big=big)}
+
+
+def fused_targets(model, blocks: fused.Blocks = fused.Blocks()):
+    """Per layer {path: Blocks}: the f32 Dense kernels of a layer-split model the fused step updates."""
+    out = []
+    for big in model["layers"].big:
+        fit = {}
+        for path, k in capture.dense_kernels(big).items():
+            b = fused.fit_blocks(*k.shape, blocks) if k.dtype == jnp.float32 else None
+            if b is not None:
+                fit[path] = b
+        out.append(fit)
+    return out
+
+
+def fused_minibatch_step(loss_fn, optimizer: optax.GradientTransformation, hyper: fused.AdamHyper, state,
+                         mbatch, grad_mask=None, blocks: fused.Blocks = fused.Blocks(), compute_dtype=jnp.float32):
+    """`minibatch_step` with each per-layer weight matrix's gradient and Adam step fused (`kernels.dw_adam`).
+
+    state's model layers are a LayerSplit (the update's layer loop) and make_optimizer's Adam has no
+    clipping. The loss runs with captures on those matrices (their weight gradients are never formed);
+    optax updates every other leaf, then one kernel per matrix computes Xᵀ dY and its Adam step.
+    """
+    model = state["trainable"]["model"]
+    targets = fused_targets(model, blocks)
+    lead = mbatch["tokens"].shape
+    caps = tuple(capture.zero_captures({p: _layer_at(model, l, p)["kernel"] for p in t}, lead, compute_dtype)
+                 for l, t in enumerate(targets))
+    with capture.intercepting():
+        (_, stats), (grads, cap_grads) = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)(
+            state["trainable"], mbatch, caps)
+    # the fused matrices' gradients are zero here and their optax results unused (XLA drops them)
+    new = apply_grads(optimizer, state, grads, grad_mask)
+    old_adam, new_adam = _adam_state(state["opt_state"]), _adam_state(new["opt_state"])
+    corr = fused.corrections(new_adam.count, hyper)
+    kernels, mus, nus = ([{} for _ in targets] for _ in range(3))
+    for l, t in enumerate(targets):
+        for path, b in t.items():
+            c = cap_grads[l][path]
+            x, dy = c[capture.X_CAP], c[capture.DY_CAP]
+            mask = None if grad_mask is None else _layer_at(grad_mask, l, path)["kernel"]
+            kernels[l][path], mus[l][path], nus[l][path] = fused.dw_adam(
+                x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]), _layer_at(model, l, path)["kernel"],
+                _layer_at(old_adam.mu["model"], l, path)["kernel"], _layer_at(old_adam.nu["model"], l, path)["kernel"],
+                corr, mask, hyper=hyper, blocks=b)
+    trainable = {**new["trainable"], "model": _set_kernels(new["trainable"]["model"], kernels)}
+    adam = new_adam._replace(mu={**new_adam.mu, "model": _set_kernels(new_adam.mu["model"], mus)},
+                             nu={**new_adam.nu, "model": _set_kernels(new_adam.nu["model"], nus)})
+    opt_state = ((adam, *new["opt_state"][0][1:]), *new["opt_state"][1:])
+    return {"trainable": trainable, "opt_state": opt_state}, stats
+
+
 # The layer loop keeps leaves with fewer elements per layer than this stacked (see make_update_fn).
 SMALL_LEAF_STACKED_BELOW = 1 << 16
 
@@ -271,11 +364,21 @@ def update_layer_loop(layer_loop: Optional[bool] = None) -> bool:
     return jax.default_backend() != "cpu" if layer_loop is None else bool(layer_loop)
 
 
+def use_fused_adam(pcfg: PPOConfig, layer_loop: bool, one_device: bool) -> bool:
+    """Whether the update runs `fused_minibatch_step` (pcfg.fused_adam; see make_update_fn)."""
+    f32 = pcfg.param_dtype == "float32" or pcfg.master_weights == "fp32"  # the kernel updates f32 weights
+    fusable = layer_loop and one_device and f32 and not (pcfg.log_grad_norm or pcfg.max_grad_norm > 0)
+    if pcfg.fused_adam == "on" and not fusable:
+        raise UserError("--fused_adam=on needs the update's layer loop (accelerators), one device and f32 "
+                        "weights (--param_dtype=float32 or --master_weights=fp32); use --fused_adam=auto")
+    return fusable and (pcfg.fused_adam == "on" or (pcfg.fused_adam == "auto" and jax.default_backend() == "gpu"))
+
+
 @functools.lru_cache(maxsize=8)
 def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
                    layout: Optional[parallel.Layout] = None, masked: bool = False,
                    layer_loop: Optional[bool] = None, small_below: int = SMALL_LEAF_STACKED_BELOW,
-                   join_qkv: bool = True, join_gate_up: bool = True):
+                   join_qkv: bool = True, join_gate_up: bool = True, fused_blocks: fused.Blocks = fused.Blocks()):
     """jit: (state, batch, key, grad_mask) -> (state, stats). All PPO epochs and mini-batches in one function.
 
     state = {'trainable': {'model', 'value_head'}, 'opt_state'}; batch holds tokens/mask [B,Q+N],
@@ -293,6 +396,11 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
     projections joined (`decoder.join_projections`, weights and Adam moments): one gemm where three ran;
     join_gate_up: likewise a gated MLP's gate/up projections (one gemm where two ran). One device
     only: joining along a sharded axis would move data.
+    pcfg.fused_adam: each per-layer f32 weight matrix's gradient and Adam step run as one kernel
+    (`fused_minibatch_step`, tiles `fused_blocks`); 'auto' = on a GPU where it applies: layer loop, one
+    device, f32 weights (or an f32 master), no clipping and no gradient-norm statistic (both need the
+    weight gradients). 'on' off the GPU runs the same program with XLA's gemm and Adam in place of
+    the kernel (tests).
     """
     layer_loop = update_layer_loop(layer_loop)
     one_device = mesh is None or mesh.size == 1  # joining along a sharded output axis would need gathers
@@ -302,13 +410,20 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
     optimizer = make_optimizer(pcfg)
     loss_fn = make_loss_fn(mcfg, pcfg, Q)
     grad_norm = pcfg.log_grad_norm or pcfg.max_grad_norm > 0  # free with clipping: the clip computes it
+    fused_adam = use_fused_adam(pcfg, layer_loop, one_device)
+    hyper = adam_hyper(pcfg)
+    compute_dtype = jnp.bfloat16 if mcfg.dtype == "bfloat16" else jnp.float32
 
     def update(state, batch, key, grad_mask):
         def mb_step(carry, xs):
             idx, epoch_end = xs
             state, stop = carry
             mbatch = parallel.constrain_batch(jax.tree_util.tree_map(lambda x: x[idx], batch), mesh)
-            new_state, stats = minibatch_step(loss_fn, optimizer, state, mbatch, grad_mask, grad_norm)
+            if fused_adam:
+                new_state, stats = fused_minibatch_step(loss_fn, optimizer, hyper, state, mbatch, grad_mask,
+                                                        fused_blocks, compute_dtype)
+            else:
+                new_state, stats = minibatch_step(loss_fn, optimizer, state, mbatch, grad_mask, grad_norm)
             stats["ppo/applied"] = 1.0 - stop.astype(jnp.float32)
             if pcfg.early_stopping:  # TRL checks at the end of each epoch, on its last mini-batch
                 # a select, not lax.cond: a GPU conditional reads its predicate on the host (a

@@ -1,0 +1,1 @@
+"""Custom kernels (Pallas/Triton on the GPU, interpreted on the CPU)."""
