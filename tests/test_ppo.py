@@ -1,4 +1,5 @@
 """PPO trainer: a step moves log-probs the right way; resume equals an uninterrupted run."""
+import dataclasses
 import json
 
 import jax
@@ -122,7 +123,7 @@ def test_fused_adam_update_equals_optax():
     Q = 4
     key, params, state, batch, gm, q = _masked_update_inputs(Q)
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
-    keys = {m: ppo.compile_key(ppo.PPOConfig(**{**key.__dict__, "fused_adam": m})) for m in ("off", "on")}
+    keys = {m: dataclasses.replace(key, fused_adam=m) for m in ("off", "on")}
     # small_below 100: CFG's matrices count as large (split per layer, where the fused step applies)
     fns = {m: ppo.make_update_fn(CFG, k, Q, masked=True, layer_loop=True, small_below=100) for m, k in keys.items()}
     (s0, st0), (s1, st1) = (fns[m](copy(state), batch, jax.random.key(3), gm) for m in ("off", "on"))
@@ -168,7 +169,6 @@ def test_early_stopping_skips_the_remaining_epochs():
     """early_stopping with a KL target every mini-batch exceeds: the first epoch's 2 steps are
     applied, the second epoch's are not, and the state equals a 1-epoch update's. (Per-layer state:
     the select is the same code on the stacked path, which test_layer_loop_update_equals_stacked ties to it.)"""
-    import dataclasses
     Q = 4
     key, _, state, batch = _update_inputs(B=4, mb=2, epochs=2, Q=Q)
     copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)

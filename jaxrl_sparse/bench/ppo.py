@@ -123,6 +123,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
         times.append(ph)
     rollout, rew, upd = (float(np.median([x[j] for x in times])) for j in range(3))
     peak_mem = [peak_memory_bytes(d) or 0 for d in msh.local_devices]
+    loop_on = ppo.update_layer_loop(layer_loop)
     total = rollout + rew + upd
     row = {"setting": name, "model": mcfg.family if small else model, "batch": B, "mini_batch": mb,
            "epochs": epochs, "query": Q, "response": N, "dtype": dtype,
@@ -130,9 +131,9 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
            "samples_per_s": B / total, "first_iter_s": compile_s,
            "peer_s_per_iter": peer, "peer_samples_per_s": (B / peer) if peer else None,
            "speedup": (peer / total) if peer else None, "mesh": dict(msh.shape),
-           "per_device_batch": B // n_rows, "layer_loop": ppo.update_layer_loop(layer_loop), "small_below": small_below,
+           "per_device_batch": B // n_rows, "layer_loop": loop_on, "small_below": small_below,
            "join_qkv": join_qkv, "join_gate_up": join_gate_up, "log_grad_norm": log_grad_norm,
-           "fused_adam": ppo.use_fused_adam(key, ppo.update_layer_loop(layer_loop), msh.size == 1),
+           "fused_adam": ppo.use_fused_adam(key, loop_on, msh.size == 1),
            "fused_blocks": fused_blocks,
            "peak_mem_gb": max(peak_mem) / 1e9, "peak_mem_gb_per_device": [m / 1e9 for m in peak_mem],
            **device_info()}

@@ -115,9 +115,12 @@ class PPOConfig:
             raise UserError(f"--reward_text={self.reward_text!r}; choose query_response, review_response or response")
         if self.fused_adam not in ("auto", "on", "off"):
             raise UserError(f"--fused_adam={self.fused_adam!r}; choose auto, on or off")
-        if self.fused_adam == "on" and (self.max_grad_norm > 0 or self.log_grad_norm):
+        if self.fused_adam == "on" and self.needs_weight_grads():
             raise UserError("--fused_adam=on never forms the weight gradients that --max_grad_norm and "
                             "--log_grad_norm need; use --fused_adam=auto or off with them")
+        if self.fused_adam == "on" and not self.trains_f32():
+            raise UserError("--fused_adam=on updates f32 weights; use --param_dtype=float32 or "
+                            "--master_weights=fp32, or --fused_adam=auto")
         if self.data not in ("generated", "imdb", "jsonl"):
             raise UserError(f"--data={self.data!r}; choose generated, imdb or jsonl")
         if self.data == "jsonl" and not self.prompts_file:
@@ -126,6 +129,14 @@ class PPOConfig:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
         return self
+
+    def needs_weight_grads(self) -> bool:
+        """Clipping and the gradient-norm statistic read every weight gradient (computed once, shared)."""
+        return self.log_grad_norm or self.max_grad_norm > 0
+
+    def trains_f32(self) -> bool:
+        """Adam updates f32 weights: f32 storage, or bf16 storage with an f32 master copy."""
+        return self.param_dtype == "float32" or self.master_weights == "fp32"
 
 
 # ----------------------------------------------------------------------------- data
@@ -366,11 +377,10 @@ def update_layer_loop(layer_loop: Optional[bool] = None) -> bool:
 
 def use_fused_adam(pcfg: PPOConfig, layer_loop: bool, one_device: bool) -> bool:
     """Whether the update runs `fused_minibatch_step` (pcfg.fused_adam; see make_update_fn)."""
-    f32 = pcfg.param_dtype == "float32" or pcfg.master_weights == "fp32"  # the kernel updates f32 weights
-    fusable = layer_loop and one_device and f32 and not (pcfg.log_grad_norm or pcfg.max_grad_norm > 0)
-    if pcfg.fused_adam == "on" and not fusable:
-        raise UserError("--fused_adam=on needs the update's layer loop (accelerators), one device and f32 "
-                        "weights (--param_dtype=float32 or --master_weights=fp32); use --fused_adam=auto")
+    if pcfg.fused_adam == "on" and not (layer_loop and one_device):  # the config's own conflicts: validate()
+        raise UserError("--fused_adam=on needs the update's layer loop (accelerators) and one device; "
+                        "use --fused_adam=auto")
+    fusable = layer_loop and one_device and pcfg.trains_f32() and not pcfg.needs_weight_grads()
     return fusable and (pcfg.fused_adam == "on" or (pcfg.fused_adam == "auto" and jax.default_backend() == "gpu"))
 
 
@@ -409,10 +419,10 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
     n_mb = B // mb
     optimizer = make_optimizer(pcfg)
     loss_fn = make_loss_fn(mcfg, pcfg, Q)
-    grad_norm = pcfg.log_grad_norm or pcfg.max_grad_norm > 0  # free with clipping: the clip computes it
+    grad_norm = pcfg.needs_weight_grads()  # free with clipping: the clip computes it
     fused_adam = use_fused_adam(pcfg, layer_loop, one_device)
     hyper = adam_hyper(pcfg)
-    compute_dtype = jnp.bfloat16 if mcfg.dtype == "bfloat16" else jnp.float32
+    compute_dtype = jnp.dtype(mcfg.dtype)
 
     def update(state, batch, key, grad_mask):
         def mb_step(carry, xs):
