@@ -28,7 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrl_sparse.errors import UserError
 from jaxrl_sparse.models.config import ModelConfig
-from jaxrl_sparse.models.decoder import ActNoise, forward, init_cache, split_cache, split_layers
+from jaxrl_sparse.models.decoder import (ActNoise, forward, init_cache, sharded_decode, split_cache,
+                                         split_layers)
 from jaxrl_sparse import parallel, sampling
 
 
@@ -206,7 +207,11 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
         return GenerateOutput(bi, bm, blp, bslp, jnp.sum(bm, axis=1, dtype=jnp.int32), jnp.minimum(t, N),
                               hidden)
 
-    return run
+    def run_traced(*args):  # the Pallas decode kernel only where the rows stay on one device
+        with sharded_decode(mesh is not None and mesh.size > 1):
+            return run(*args)
+
+    return run_traced
 
 
 def _prefill(params, cfg: ModelConfig, spec: SamplerSpec, tokens, mask, cache, noise, cap, shard, rows):

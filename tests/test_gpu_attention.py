@@ -32,7 +32,7 @@ def test_attention_impl_choice(monkeypatch):
     monkeypatch.setattr(decoder, "ATTENTION_IMPL", "xla")
     assert decoder.decode_attention_impl(cfg, 1, 1000) == "xla"
     monkeypatch.setattr(decoder, "ATTENTION_IMPL", "cuDNN")
-    with pytest.raises(UserError, match="JAXRL_ATTENTION='cuDNN': choose auto, xla or cudnn"):
+    with pytest.raises(UserError, match="JAXRL_ATTENTION='cuDNN': choose auto, xla, cudnn or pallas"):
         decoder.decode_attention_impl(cfg, 1, 1000)
     monkeypatch.setattr(decoder, "ATTENTION_IMPL", "auto")
     assert decoder.decode_attention_impl(cfg, 1, decoder.CUDNN_MIN_SLOTS - 1) == "xla"

@@ -16,13 +16,13 @@ CFG = ModelConfig("llama", vocab_size=32, hidden_size=32, intermediate_size=64, 
                   num_heads=4, num_kv_heads=2, head_dim=8)
 
 
-def _update_inputs(B=2, mb=2, epochs=1, Q=4, N=3, tokens=None, scores=None, kl_coef=0.1, **pcfg_kw):
-    """(pcfg compile key, params, state, batch) for one update on CFG: B rows of Q + N tokens
+def _update_inputs(B=2, mb=2, epochs=1, Q=4, N=3, tokens=None, scores=None, kl_coef=0.1, cfg=CFG, **pcfg_kw):
+    """(pcfg compile key, params, state, batch) for one update on cfg: B rows of Q + N tokens
     (default: a fixed pattern), scores (default: 1 .. -1 over the rows), KL coefficient kl_coef."""
     pcfg = ppo.PPOConfig(batch_size=B, mini_batch_size=mb, ppo_epochs=epochs, learning_rate=1e-2,
                          output_min_length=N, output_max_length=N, **pcfg_kw)
-    params = init_params(CFG, jax.random.key(1))
-    trainable = {"model": params, "value_head": init_value_head(CFG.hidden_size, jax.random.key(2))}
+    params = init_params(cfg, jax.random.key(1))
+    trainable = {"model": params, "value_head": init_value_head(cfg.hidden_size, jax.random.key(2))}
     opt = ppo.make_optimizer(pcfg)
     state = {"trainable": jax.tree_util.tree_map(jnp.copy, trainable), "opt_state": opt.init(trainable)}
     if tokens is None:
@@ -30,7 +30,7 @@ def _update_inputs(B=2, mb=2, epochs=1, Q=4, N=3, tokens=None, scores=None, kl_c
     mask = jnp.ones_like(tokens)
     resp = jnp.ones((B, N), jnp.float32)
     key = ppo.compile_key(pcfg)
-    lp, v, rlp, _ = ppo.make_score_fn(CFG, Q)(trainable, params, tokens, mask, key)
+    lp, v, rlp, _ = ppo.make_score_fn(cfg, Q)(trainable, params, tokens, mask, key)
     if scores is None:
         scores = jnp.asarray(np.linspace(1.0, -1.0, B), jnp.float32)
     adv, ret, vals, _ = ppo.compute_advantages(key, scores, lp, rlp, v, resp, jnp.float32(kl_coef))
@@ -254,3 +254,31 @@ def test_ppo_tiny_preset_runs_end_to_end(tmp_path):
     assert all(np.isfinite(x["env/reward_mean"]) for x in rows)
     assert (work / "ppo-smollm2-135m-instruct-sentiment-final" / "config.json").exists()
     assert (work / "ppo_curves.png").exists()
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(steps_per_sync=0), "--steps_per_sync=0: give a whole number >= 1"),
+                                    (dict(batch_size=6, mini_batch_size=4), "is not a multiple of"),
+                                    (dict(fused_adam="maybe"), "fused_adam")])
+def test_bad_config_is_a_one_line_error(kw, msg):
+    from jaxrl_sparse.errors import UserError
+    with pytest.raises(UserError, match=msg) as e:
+        ppo.PPOConfig(**kw).validate()
+    assert "\n" not in str(e.value)
+
+
+def test_layer_loop_update_uses_the_attention_kernels():
+    """With the layer loop on one device, the update's attention (16-token sequences here) lowers for
+    CUDA to one forward and two backward Triton kernels per layer; the CPU lowering and the update's
+    result are the XLA path's (the kernels' values: tests/test_train_attention.py)."""
+    import re
+    from jax import export
+    cfg = CFG.replace(head_dim=16)  # the kernels take head sizes >= 16
+    key, _, state, batch = _update_inputs(Q=4, N=12, cfg=cfg)
+    fn = ppo.make_update_fn(cfg, key, 4, layer_loop=True)
+    args = (state, batch, jax.random.key(3), None)
+    cuda = export.export(fn, platforms=("cuda",), disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args).mlir_module()
+    assert cuda.count("__gpu$xla.gpu.triton") == 3 * cfg.num_layers
+    for kernel in ("attention_fwd", "attention_bwd_kv", "attention_bwd_q"):
+        assert len(re.findall(f'name = "{kernel}"', cuda)) == cfg.num_layers, kernel
+    assert "triton" not in export.export(fn, platforms=("cpu",))(*args).mlir_module()

@@ -32,15 +32,15 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
                   per_device_batch: int = 0, breakdown: bool = False,
                   layer_loop: Optional[bool] = None, small_below: Optional[int] = None,
                   join_qkv: bool = True, join_gate_up: bool = True, log_grad_norm: bool = False,
-                  fused_adam: str = "auto", fused_blocks: str = "") -> Dict[str, Any]:
+                  fused_adam: str = "auto", fused_blocks: str = "", steps_per_sync: int = 1) -> Dict[str, Any]:
     """mesh: 'data:N,fsdp:M' ('' = all devices on data). per_device_batch > 0: the batch is this
     many rows per device (weak scaling), mini-batches keep the setting's batch/mini-batch ratio.
     breakdown: also time the update's parts alone (`update_parts`). layer_loop: the update's
     `ppo.make_update_fn(layer_loop=...)` (None = its default: on for accelerators); small_below: its
     `small_below` (None = the trainer's `ppo.SMALL_LEAF_STACKED_BELOW`); join_qkv, join_gate_up: its
-    `join_qkv`, `join_gate_up`; log_grad_norm, fused_adam: the trainer's --log_grad_norm (off by
-    default, as there) and --fused_adam; fused_blocks: the fused kernel's tiles ('' = its default,
-    else `gemm.parse_blocks`' format)."""
+    `join_qkv`, `join_gate_up`; log_grad_norm, fused_adam, steps_per_sync: the trainer's
+    --log_grad_norm (off by default, as there), --fused_adam and --steps_per_sync; fused_blocks: the
+    fused kernel's tiles ('' = its default, else `gemm.parse_blocks`' format)."""
     from jaxrl_sparse import parallel
     from jaxrl_sparse.generate import generate
     from jaxrl_sparse.models import classifier as clf
@@ -71,7 +71,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     pcfg = ppo.PPOConfig(batch_size=B, mini_batch_size=mb, ppo_epochs=epochs, query_len=Q,
                          output_min_length=N, output_max_length=N, top_k=top_k, top_p=top_p,
                          param_dtype=dtype, compute_dtype=dtype, log_grad_norm=log_grad_norm,
-                         fused_adam=fused_adam).validate()
+                         fused_adam=fused_adam, steps_per_sync=steps_per_sync).validate()
     trainable = {"model": params, "value_head": parallel.put_params(init_value_head(mcfg.hidden_size, k), msh)}
     opt = ppo.make_optimizer(pcfg)
     opt_sh = parallel.param_shardings(jax.eval_shape(opt.init, trainable), msh)
@@ -98,7 +98,8 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
         kk = jax.random.fold_in(k, 100 + i)
         t0 = time.perf_counter()
         gen = generate(state["trainable"]["model"], mcfg, q_tok, q_mask, kk, max_new_tokens=N,
-                       top_k=top_k, top_p=top_p, fixed_length=True, eos_token_id=[], mesh=msh)
+                       top_k=top_k, top_p=top_p, fixed_length=True, eos_token_id=[], mesh=msh,
+                       steps_per_sync=pcfg.steps_per_sync)
         jax.block_until_ready(gen.tokens)
         t1 = time.perf_counter()
         tokens = parallel.put_batch(jnp.concatenate([parallel.put_batch(q_tok, msh), gen.tokens], axis=1), msh)
@@ -134,7 +135,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
            "per_device_batch": B // n_rows, "layer_loop": loop_on, "small_below": small_below,
            "join_qkv": join_qkv, "join_gate_up": join_gate_up, "log_grad_norm": log_grad_norm,
            "fused_adam": ppo.use_fused_adam(key, loop_on, msh.size == 1),
-           "fused_blocks": fused_blocks,
+           "fused_blocks": fused_blocks, "steps_per_sync": steps_per_sync,
            "peak_mem_gb": max(peak_mem) / 1e9, "peak_mem_gb_per_device": [m / 1e9 for m in peak_mem],
            **device_info()}
     if breakdown:
@@ -201,6 +202,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                    "matrix's gradient and Adam step as one kernel (auto: on GPUs where it applies)", flag_values=fv)
     _f.DEFINE_string("fused_blocks", "", "tiles of the fused kernel, BKxBNxBMwWARPSsSTAGES ('' = default)",
                      flag_values=fv)
+    from jaxrl_sparse.rl.ppo import PPOConfig
+    _f.DEFINE_integer("steps_per_sync", PPOConfig.steps_per_sync, "the trainer's --steps_per_sync: rollout "
+                      "decode steps per loop test", flag_values=fv)
     fv(["bench ppo"] + list(argv or []))
     if fv.fused_blocks:
         parse_blocks(fv.fused_blocks)
@@ -214,7 +218,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                             breakdown=fv.breakdown, layer_loop=loop,
                             small_below=fv.small_below, join_qkv=fv.join_qkv, join_gate_up=fv.join_gate_up,
                             log_grad_norm=fv.log_grad_norm, fused_adam=fv.fused_adam,
-                            fused_blocks=fv.fused_blocks)
+                            fused_blocks=fv.fused_blocks, steps_per_sync=fv.steps_per_sync)
         rows.append(row)
         append_jsonl(fv.out or None, {"bench": "ppo", **row})
     print(markdown_table(rows, [("setting", "setting"), ("batch", "B"), ("mini_batch", "mb"),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import os
 from typing import Any, Dict, NamedTuple, Optional
@@ -31,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_sparse.kernels import decode_attention as decode_kernel
+from jaxrl_sparse.kernels import train_attention as train_kernel
 from jaxrl_sparse.models.config import ModelConfig
 
 NOISE_SITES = {"attn": 0, "mlp": 1, "head": 2}
@@ -176,13 +179,17 @@ def _act(cfg: ModelConfig, x):
     return jax.nn.gelu(x, approximate=True)
 
 
-# 'auto' (default) | 'xla' | 'cudnn': how single-token (decode) attention runs. 'cudnn' is one fused
-# cuDNN kernel (`jax.nn.dot_product_attention`); 'auto' uses it on CUDA GPUs (compute capability >= 8)
-# for caches of at least CUDNN_MIN_SLOTS slots, where it measured faster (BENCHMARKS.md: +2-10%
-# at 324-388 slots, -14% at 44 slots on an H100), and the XLA path everywhere else (CPUs included).
+# 'auto' (default) | 'xla' | 'cudnn' | 'pallas': how single-token (decode) attention runs. 'cudnn' is
+# one fused cuDNN kernel (`jax.nn.dot_product_attention`); 'pallas' is `kernels.decode_attention`
+# (attention and the KV-cache write as one kernel that reads only the filled slots; per-layer caches
+# only, i.e. the GPU layer loop). 'auto' uses, on CUDA GPUs (compute capability >= 8), cuDNN for
+# caches of at least CUDNN_MIN_SLOTS slots, where it measured faster than XLA (BENCHMARKS.md: +2-10%
+# at 324-388 slots, -14% at 44 slots on an H100), the Pallas kernel below that, and the XLA path
+# everywhere else (CPUs included, sharded decodes, vmapped ones).
 ATTENTION_IMPL = os.environ.get("JAXRL_ATTENTION", "auto")
 CUDNN_MIN_SLOTS = 256
 _XLA_ONLY = contextvars.ContextVar("jaxrl_xla_attention_only", default=False)
+_SHARDED = contextvars.ContextVar("jaxrl_sharded_decode", default=False)
 
 
 @contextlib.contextmanager
@@ -198,6 +205,40 @@ def xla_attention():
         _XLA_ONLY.reset(token)
 
 
+_TRAIN_KERNELS = contextvars.ContextVar("jaxrl_train_attention_kernels", default=False)
+
+
+@contextlib.contextmanager
+def training_attention_kernels(on: bool = True):
+    """Layer-loop forwards over a fresh per-layer cache (training steps) traced inside this block
+    (on=True) run attention through `kernels.train_attention` on CUDA GPUs (forward and backward
+    one kernel each) where it applies; callers turn it on for one-device programs only."""
+    token = _TRAIN_KERNELS.set(bool(on))
+    try:
+        yield
+    finally:
+        _TRAIN_KERNELS.reset(token)
+
+
+def training_attention_impl(cfg: ModelConfig, T: int) -> str:
+    """'pallas' or 'xla' for a T-token forward over a fresh per-layer cache (see
+    `training_attention_kernels`; JAXRL_ATTENTION=xla turns the kernels off)."""
+    ok = (_TRAIN_KERNELS.get() and not _XLA_ONLY.get() and ATTENTION_IMPL != "xla" and not cfg.attn_logit_softcap
+          and cfg.num_heads % cfg.num_kv_heads == 0 and train_kernel.supported(T, cfg.head_dim))
+    return "pallas" if ok else "xla"
+
+
+@contextlib.contextmanager
+def sharded_decode(on: bool = True):
+    """Decodes traced inside this block (on=True) have their rows split over several devices: no
+    Pallas kernel (XLA cannot partition its custom call; it would gather the batch)."""
+    token = _SHARDED.set(bool(on))
+    try:
+        yield
+    finally:
+        _SHARDED.reset(token)
+
+
 def _cuda_capable() -> bool:
     d = jax.devices()[0]
     cc = getattr(d, "compute_capability", None)  # CUDA devices only, e.g. '9.0'
@@ -207,17 +248,23 @@ def _cuda_capable() -> bool:
         return False
 
 
-def decode_attention_impl(cfg: ModelConfig, T: int, slots: int) -> str:
-    """'cudnn' or 'xla' for a query of T tokens over a cache of `slots` slots (see ATTENTION_IMPL)."""
-    if ATTENTION_IMPL not in ("auto", "xla", "cudnn"):
+def decode_attention_impl(cfg: ModelConfig, T: int, slots: int, layer_cache: bool = False) -> str:
+    """'cudnn', 'pallas' or 'xla' for a query of T tokens over a cache of `slots` slots (see
+    ATTENTION_IMPL); layer_cache: the cache is one layer's own buffer (the layer loop)."""
+    if ATTENTION_IMPL not in ("auto", "xla", "cudnn", "pallas"):
         from jaxrl_sparse.errors import UserError
-        raise UserError(f"JAXRL_ATTENTION={ATTENTION_IMPL!r}: choose auto, xla or cudnn (or leave it unset)")
+        raise UserError(f"JAXRL_ATTENTION={ATTENTION_IMPL!r}: choose auto, xla, cudnn or pallas (or leave it unset)")
     if T != 1 or cfg.attn_logit_softcap or ATTENTION_IMPL == "xla" or _XLA_ONLY.get():
         return "xla"
-    if ATTENTION_IMPL == "cudnn":
+    pallas_ok = (layer_cache and not _SHARDED.get() and cfg.num_heads % cfg.num_kv_heads == 0
+                 and decode_kernel.supported(cfg.head_dim, slots))
+    if ATTENTION_IMPL in ("cudnn", "pallas"):
+        return "xla" if ATTENTION_IMPL == "pallas" and not pallas_ok else ATTENTION_IMPL
+    if not _cuda_capable():
+        return "xla"
+    if slots >= CUDNN_MIN_SLOTS and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128:
         return "cudnn"
-    ok = slots >= CUDNN_MIN_SLOTS and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128
-    return "cudnn" if ok and _cuda_capable() else "xla"
+    return "pallas" if pallas_ok else "xla"
 
 
 def attention(cfg: ModelConfig, q, keys, vals, mask):
@@ -247,6 +294,20 @@ def attention(cfg: ModelConfig, q, keys, vals, mask):
     return jnp.einsum("bkgts,bksd->btkgd", probs, vals).reshape(B, T, H, hd)
 
 
+def _bthd_attention(cfg: ModelConfig, q, k, v, mask):
+    """`attention` with k, v in the projections' [B, T, K, hd] layout: the XLA form of
+    `kernels.train_attention`."""
+    return attention(cfg, q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+
+
+def _cache_write_attention(cfg: ModelConfig, q, k, v, k_cache, v_cache, mask, idx):
+    """One layer's cache buffers [B, K, S, hd] get k, v [B, K, T, hd] at slot idx; then `attention`.
+    Returns (o [B, T, H, hd], k_cache, v_cache): the XLA form of `kernels.decode_attention`."""
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, idx, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, idx, 0))
+    return attention(cfg, q, k_cache, v_cache, mask), k_cache, v_cache
+
+
 class Block(nn.Module):
     """One transformer block; scanned over layers. Carry: (x, k_cache, v_cache)."""
     cfg: ModelConfig
@@ -268,20 +329,29 @@ class Block(nn.Module):
             sin = jnp.where(is_sliding, ctx["sin_local"], ctx["sin"])
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         idx = ctx["cache_index"]
+        k_t, v_t = k, v  # [B, T, K, hd]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, hd]: the cache's head-major layout
-        if k_cache.ndim == 4:  # this layer's own cache buffer [B, K, S, hd] (layer-loop decoding)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, idx, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, idx, 0))
-            keys, vals = k_cache, v_cache
+        mask = jnp.where(is_sliding, ctx["mask_local"], ctx["mask"])  # [B, T, S]
+        fresh = k_cache.ndim == 4 and k_cache.shape[2] == T  # a training forward's own per-layer cache
+        if fresh and training_attention_impl(cfg, T) == "pallas":
+            o = train_kernel.attention(q, k_t, v_t, mask, scale=cfg.attn_scale,
+                                       fallback=functools.partial(_bthd_attention, cfg))
+            k_cache, v_cache = k.astype(k_cache.dtype), v.astype(v_cache.dtype)  # the cache, all T slots filled
+        elif k_cache.ndim == 4:  # this layer's own cache buffer [B, K, S, hd] (layer-loop decoding)
+            if decode_attention_impl(cfg, T, k_cache.shape[2], layer_cache=True) == "pallas":
+                o, k_cache, v_cache = decode_kernel.decode_attention(
+                    q, k, v, k_cache, v_cache, mask, idx, scale=cfg.attn_scale,
+                    fallback=functools.partial(_cache_write_attention, cfg))
+            else:
+                o, k_cache, v_cache = _cache_write_attention(cfg, q, k, v, k_cache, v_cache, mask, idx)
         else:  # stacked [L, B, K, S, hd] in the scan carry (or [L - j, ...] from block j: cache_layer0)
             cl = layer - ctx["cache_layer0"] if "cache_layer0" in ctx else layer
             k_cache = jax.lax.dynamic_update_slice(
                 k_cache, k.astype(k_cache.dtype)[None], (cl, 0, 0, idx, 0))
             v_cache = jax.lax.dynamic_update_slice(
                 v_cache, v.astype(v_cache.dtype)[None], (cl, 0, 0, idx, 0))
-            keys, vals = k_cache[cl], v_cache[cl]  # [B, K, S, hd]
-        mask = jnp.where(is_sliding, ctx["mask_local"], ctx["mask"])  # [B, T, S]
-        o = attention(cfg, q, keys, vals, mask).reshape(B, T, H * hd).astype(x.dtype)
+            o = attention(cfg, q, k_cache[cl], v_cache[cl], mask)  # cache [B, K, S, hd]
+        o = o.reshape(B, T, H * hd).astype(x.dtype)
         o = attn.out(o)
         o = _add_noise(ctx["noise"], "attn", layer,
                        None if ctx["noise"] is None else ctx["noise"].attn_scale[layer], o, ctx["positions"])

@@ -28,7 +28,7 @@ from jaxrl_sparse.metrics import MetricsLog, default_workdir, is_writer, plot_cu
 from jaxrl_sparse.models.config import ModelConfig
 from jaxrl_sparse.kernels import dw_adam as fused
 from jaxrl_sparse.models.decoder import (LayerSplit, forward, join_projections, lm_logits, map_layers,
-                                         split_layers, split_projections, stack_layers)
+                                         split_layers, split_projections, stack_layers, training_attention_kernels)
 from jaxrl_sparse.models.value_head import init_value_head, value_head_apply
 from jaxrl_sparse.rl import ppo_math as pm
 from jaxrl_sparse.transforms import capture
@@ -60,6 +60,7 @@ class PPOConfig:
     temperature: float = 1.0
     output_min_length: int = 24
     output_max_length: int = 64
+    steps_per_sync: int = 1                # decode steps per loop test of the rollout (generate's; same samples)
     # PPO (TRL 0.8.6 names and defaults where the seed did not change them)
     batch_size: int = 16
     mini_batch_size: int = 4
@@ -107,6 +108,8 @@ class PPOConfig:
                             f"--mini_batch_size={self.mini_batch_size}")
         if not 0 < self.output_min_length <= self.output_max_length:
             raise UserError("need 0 < --output_min_length <= --output_max_length")
+        if self.steps_per_sync < 1:
+            raise UserError(f"--steps_per_sync={self.steps_per_sync}: give a whole number >= 1")
         if self.kl_penalty not in pm.KL_KINDS:
             raise UserError(f"--kl_penalty={self.kl_penalty!r}; choose one of {', '.join(pm.KL_KINDS)}")
         if self.master_weights not in ("none", "fp32"):
@@ -425,6 +428,10 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
     compute_dtype = jnp.dtype(mcfg.dtype)
 
     def update(state, batch, key, grad_mask):
+        with training_attention_kernels(layer_loop and one_device):  # read while tracing
+            return _update(state, batch, key, grad_mask)
+
+    def _update(state, batch, key, grad_mask):
         def mb_step(carry, xs):
             idx, epoch_end = xs
             state, stop = carry
@@ -585,7 +592,8 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
         query, query_mask = q_tok[idx], q_mask[idx]                       # host [B, Q]
         gen = generate(pol, mcfg, query, query_mask, k_gen, mesh=mesh,
                        max_new_tokens=N, temperature=pcfg.temperature, top_k=pcfg.top_k,
-                       top_p=pcfg.top_p, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+                       top_p=pcfg.top_p, eos_token_id=eos, pad_token_id=tok.pad_token_id,
+                       steps_per_sync=pcfg.steps_per_sync)
         lengths = np.asarray(_response_lengths(k_len, B, pcfg.output_min_length, N))
         g_tok, g_mask = parallel.to_host((gen.tokens, gen.mask))
         rmask_np = (g_mask.astype(bool) & (np.arange(N)[None] < lengths[:, None])).astype(np.int32)
