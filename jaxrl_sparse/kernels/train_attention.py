@@ -82,6 +82,12 @@ def _probs(q_ref, k_ref, m_ref, lse_ref, do_ref, o_ref, b, h, kh, i, j, bt: int,
     return q, k, p, do, delta
 
 
+def _dscores(p, do, v, delta, scale: float):
+    """Gradient of block (i, j)'s scaled scores: p * (dO vᵀ - delta) * scale."""
+    from jax.experimental.pallas import triton as plgpu
+    return p * (plgpu.dot(do, v, trans_b=True) - delta[:, None]) * scale
+
+
 def _bwd_kv_kernel(q_ref, k_ref, v_ref, m_ref, o_ref, lse_ref, do_ref, dk_ref, dv_ref, *, n: int, bt: int,
                    group: int, scale: float):
     """One program per (row, query head, key block j): dk, dv over query blocks j..n-1."""
@@ -96,7 +102,7 @@ def _bwd_kv_kernel(q_ref, k_ref, v_ref, m_ref, o_ref, lse_ref, do_ref, dk_ref, d
     def body(i, carry):
         dk, dv = carry
         q, _, p, do, delta = _probs(q_ref, k_ref, m_ref, lse_ref, do_ref, o_ref, b, h, kh, i, j, bt, scale)
-        ds = p * (plgpu.dot(do, v, trans_b=True) - delta[:, None]) * scale
+        ds = _dscores(p, do, v, delta, scale)
         return dk + plgpu.dot(ds, q, trans_a=True), dv + plgpu.dot(p, do, trans_a=True)
 
     zero = jnp.zeros(v.shape, f32)
@@ -115,8 +121,7 @@ def _bwd_q_kernel(q_ref, k_ref, v_ref, m_ref, o_ref, lse_ref, do_ref, dq_ref, *,
 
     def body(j, dq):
         _, k, p, do, delta = _probs(q_ref, k_ref, m_ref, lse_ref, do_ref, o_ref, b, h, kh, i, j, bt, scale)
-        v = v_ref[b, pl.ds(j * bt, bt), kh, :].astype(f32)
-        ds = p * (plgpu.dot(do, v, trans_b=True) - delta[:, None]) * scale
+        ds = _dscores(p, do, v_ref[b, pl.ds(j * bt, bt), kh, :].astype(f32), delta, scale)
         return dq + plgpu.dot(ds, k)
 
     dq = jax.lax.fori_loop(0, i + 1, body, jnp.zeros((bt, q_ref.shape[-1]), f32))
