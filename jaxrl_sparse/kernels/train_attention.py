@@ -1,5 +1,5 @@
-"""Causal attention over a whole short sequence (training / scoring forwards) as one kernel, and its
-backward as one more.
+"""Causal attention over a whole short sequence (the PPO update's forward) as one kernel, and its
+backward as two more.
 
 XLA runs a training step's attention of one layer as ~25 kernels forward and backward (the q·kᵀ and
 p·v gemms, masking, the softmax's reductions, their transposes, head-layout transposes). For short

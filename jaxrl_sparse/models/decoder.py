@@ -211,8 +211,8 @@ _TRAIN_KERNELS = contextvars.ContextVar("jaxrl_train_attention_kernels", default
 @contextlib.contextmanager
 def training_attention_kernels(on: bool = True):
     """Layer-loop forwards over a fresh per-layer cache (training steps) traced inside this block
-    (on=True) run attention through `kernels.train_attention` on CUDA GPUs (forward and backward
-    one kernel each) where it applies; callers turn it on for one-device programs only."""
+    (on=True) run attention through `kernels.train_attention` on CUDA GPUs (a forward kernel and two
+    backward kernels) where it applies; callers turn it on for one-device programs only."""
     token = _TRAIN_KERNELS.set(bool(on))
     try:
         yield
