@@ -84,6 +84,15 @@ def test_gemm_bench_rewrites_equal_the_products_and_run():
         dispatch(["gemm", "--dw_adam_blocks=64x64"])
 
 
+def test_attention_bench_needs_a_gpu():
+    """`launch.bench attention` times Triton kernels: off a GPU (and for a bad part) a one-line error."""
+    if jax.default_backend() != "gpu":
+        with pytest.raises(UserError, match="run it on a CUDA GPU"):
+            dispatch(["attention"])
+    with pytest.raises(UserError, match="--parts: unknown 'prefill'"):
+        dispatch(["attention", "--parts=prefill"])
+
+
 def test_profile_tables_and_hlo_op_names(tmp_path):
     """`launch.bench profile BENCH`: traced tables written as JSON; `--profile_hlo` names kernels from
     XLA's optimized-HLO dumps (fusions by name or by the name they were deduplicated with)."""

@@ -98,8 +98,15 @@ def block_name(b) -> str:
     return f"{b.bk}x{b.bn}x{b.bm}w{b.num_warps}s{b.num_stages}{'t' * b.transposed}{'p' * b.prefetch}"
 
 
-DW_ADAM_SWEEP = ("64x64x32w4s2", "64x64x32w4s2p", "64x64x32w4s2t", "64x64x32w4s2tp", "128x64x32w4s3tp",
-                 "64x128x32w4s3tp", "128x128x32w8s3tp", "64x64x64w4s3tp", "32x64x32w2s2tp", "64x64x16w4s3tp")
+def _default_blocks() -> str:
+    from jaxrl_sparse.kernels.dw_adam import Blocks
+    return block_name(Blocks())
+
+
+# the kernel's default tiles first, then session 12's first sweep (BENCHMARKS.md)
+DW_ADAM_SWEEP = (_default_blocks(), "64x64x32w4s2", "64x64x32w4s2p", "64x64x32w4s2t", "64x64x32w4s2tp",
+                 "128x64x32w4s3tp", "64x128x32w4s3tp", "128x128x32w8s3tp", "64x64x64w4s3tp", "32x64x32w2s2tp",
+                 "64x64x16w4s3tp")
 
 
 def run_dw_adam(rows: int, projections, blocks: List[str], dtype: str = "float32",

@@ -81,7 +81,7 @@ def _kernel(idx_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, m_ref, o_ref, ko_ref
 
 
 def pallas_decode_attention(q, k_new, v_new, k_cache, v_cache, mask, index, *, scale: float,
-                            block: int = 32, num_warps: int = 4, num_stages: int = 1, interpret: bool = False):
+                            block: int = 32, num_warps: int = 4, interpret: bool = False):
     """q [B, 1, H, hd], k_new / v_new [B, K, 1, hd], caches [B, K, S, hd], mask [B, 1, S] (slot
     visible to the query, the new slot included), index [] int32 (the new token's slot).
 
@@ -99,7 +99,7 @@ def pallas_decode_attention(q, k_new, v_new, k_cache, v_cache, mask, index, *, s
         out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
         input_output_aliases={4: 1, 5: 2},
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret, name="decode_attention")(*args)
     return o, kc, vc
 
