@@ -84,6 +84,34 @@ def test_gemm_bench_rewrites_equal_the_products_and_run():
         dispatch(["gemm", "--dw_adam_blocks=64x64"])
 
 
+def test_skinny_matmul_kernel_equals_the_product():
+    """`launch.bench gemm --parts=skinny`'s split-contraction kernel (interpreted) computes a @ b and
+    a @ bᵀ; the sweep keeps tiles that divide the product with grids of half to 4x the SMs."""
+    from jaxrl_sparse.bench import skinny_matmul as sm
+    from jaxrl_sparse.bench.gemm import skinny_sweep
+    k = jax.random.split(jax.random.key(0), 2)
+    a, b = jax.random.normal(k[0], (32, 96)), jax.random.normal(k[1], (96, 48))
+    want = np.asarray(a) @ np.asarray(b)
+    for t in (sm.Tiles(16, 16, 16, splits=3), sm.Tiles(32, 48 // 3, 32, splits=1)):
+        got = sm.matmul(a, b, tiles=t, interpret=True)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+        got = sm.matmul(a, b.T, trans_b=True, tiles=t, interpret=True)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    assert sm.partials(a, b, tiles=sm.Tiles(16, 16, 16, splits=3), interpret=True).shape == (3, 32, 48)
+    with pytest.raises(ValueError, match="do not divide"):
+        sm.partials(a, b, tiles=sm.Tiles(16, 16, 64, splits=2), interpret=True)  # 96 is not 2 x 64
+    assert sm.parse("64x128x32k4w4s3") == sm.Tiles(64, 128, 32, 4, 4, 3)
+    with pytest.raises(UserError, match="BMxBN"):
+        sm.parse("64x128")
+    # gpt2-medium's mlp down forward at M = 320 with 64 x 128 tiles: 40 tiles, so 2..8 splits (80..320
+    # programs) where the split divides the contraction of 4096 into steps of 32 (not 3 or 6)
+    assert [t.splits for t in skinny_sweep(320, 4096, 1024, ["64x128x32w4s3"])] == [2, 4, 8]
+    small = ["gemm", "--rows=8", "--hidden=16", "--inner=32", "--qkv=48", "--reps=2", "--parts=skinny"]
+    rows = dispatch(small)  # no tile fits so few SMs' worth of programs: XLA's rows only, three per projection
+    assert len(rows) == 12 and {r["variant"] for r in rows} == {"XLA"}
+    assert [r["product"] for r in rows[:3]] == ["qkv forward", "qkv forward, W stored [N, K]", "qkv input grad"]
+
+
 def test_attention_bench_needs_a_gpu():
     """`launch.bench attention` times Triton kernels: off a GPU (and for a bad part) a one-line error."""
     if jax.default_backend() != "gpu":

@@ -9,14 +9,18 @@ compute dtype:
   - the weight gradient x^T @ dy one layer at a time, and batched over all layers at once (per layer).
 With --parts=dw_adam, the weight gradient and Adam step of each projection, XLA's way against the
 fused kernel (`kernels.dw_adam`) over block configurations (`--dw_adam_blocks`).
+With --parts=skinny, the forward and input-gradient products as XLA runs them and as a Pallas kernel
+split over the contraction (`bench.skinny_matmul`) over tile shapes (`--skinny_tiles`).
 Time per call is the device's kernel time (the JAX profiler's device lines, so launch gaps are
 left out); without a device timeline (CPU) it is the wall time per call.
 
     python -m launch.bench gemm                       # gpt2-medium, seed's setting
     python -m launch.bench gemm --rows=128 --hidden=2048 --inner=8192 --layers=16
+    python -m launch.bench gemm --parts=skinny --rows=16 --skinny_cases=forward,transposed   # decode's M
 """
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -143,6 +147,60 @@ def run_dw_adam(rows: int, projections, blocks: List[str], dtype: str = "float32
     return out
 
 
+SKINNY_TILES = ("64x128x32w4s3", "64x128x64w4s3", "64x64x32w4s4", "64x256x32w8s3", "32x128x32w4s3",
+                "16x128x64w4s4", "16x64x128w4s4", "16x256x64w4s3", "16x128x128w4s3", "16x64x64w2s4")
+
+
+def skinny_sweep(M: int, K: int, N: int, tiles: List[str], sms: int = 132):
+    """`bench.skinny_matmul.Tiles` to time for an [M, K] @ [K, N] product: each tile shape (spec
+    BMxBNxBKwWARPSsSTAGES) with the contraction splits whose grid covers between half and 4x the SMs
+    (an H100 has 132)."""
+    from jaxrl_sparse.bench import skinny_matmul as sm
+    out = []
+    for spec in tiles:
+        t = sm.parse(spec.replace("w", "k1w", 1))
+        for s in (1, 2, 3, 4, 6, 8, 12, 16, 32):
+            c = t._replace(splits=s)
+            grid = (M // c.bm) * (N // c.bn) * s
+            if sm.fits(M, K, N, c) and sms // 2 <= grid <= 4 * sms:
+                out.append(c)
+    return out
+
+
+def run_skinny(rows: int, hidden: int, inner: int, qkv: int, tiles: List[str], reps: int = 20,
+               cases=("forward", "transposed", "input_grad")):
+    """Each forward (x @ W, W [K, N]) and input-gradient (dY @ Wᵀ) product of a layer, as XLA runs it
+    and as `bench.skinny_matmul` (partials + their sum) over `skinny_sweep`'s tiles; forwards also
+    with W stored transposed (what a [N, K] weight layout would give). max_err: vs XLA's product."""
+    from jaxrl_sparse.bench import skinny_matmul as sm
+    key = jax.random.key(2)
+    out = []
+    todo = []
+    for name, K, N in projections(hidden, inner, qkv):
+        todo += [(f"{name} forward", K, N, False)] * ("forward" in cases)
+        todo += [(f"{name} forward, W stored [N, K]", K, N, True)] * ("transposed" in cases)
+        todo += [(f"{name} input grad", N, K, True)] * ("input_grad" in cases)
+    for what, K, N, trans in todo:
+        ka, kb = jax.random.split(jax.random.fold_in(key, K * 7 + N + trans))
+        a = jax.random.normal(ka, (rows, K))
+        b = 0.03 * jax.random.normal(kb, (N, K) if trans else (K, N))
+        ref = jax.jit(functools.partial(sm.reference, trans_b=trans))
+        want = ref(a, b)
+        base = {"product": what, "M": rows, "K": K, "N": N, "dtype": "float32"}
+        us, how = call_time_us(ref, a, b, reps=reps)
+        out.append({**base, "variant": "XLA", "us_per_call": us, "timing": how, "max_err": 0.0})
+        for t in skinny_sweep(rows, K, N, tiles):
+            f = functools.partial(sm.matmul, trans_b=trans, tiles=t)
+            try:
+                err = float(jnp.max(jnp.abs(jax.jit(f)(a, b) - want)))
+                us, how = call_time_us(f, a, b, reps=reps)
+            except Exception as e:  # a tile Triton cannot compile: report it, go on
+                print(f"{what} {sm.name(t)}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                continue
+            out.append({**base, "variant": f"split {sm.name(t)}", "us_per_call": us, "timing": how, "max_err": err})
+    return out
+
+
 def run_shapes(rows: int, hidden: int, inner: int, qkv: int, layers: int, split_k: List[int],
                dtype: str = "float32", reps: int = 20) -> List[Dict[str, Any]]:
     dt = jnp.dtype(dtype)
@@ -186,10 +244,15 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     _f.DEFINE_string("dtype", "float32", "float32 (the seed's; TF32 products on GPUs) or bfloat16", flag_values=fv)
     _f.DEFINE_integer("reps", 20, "calls per timing", flag_values=fv)
     _f.DEFINE_list("parts", ["products", "dw_adam"], "products: forward and weight-gradient gemms and "
-                   "their rewrites; dw_adam: weight gradient + Adam, XLA's way and fused", flag_values=fv)
+                   "their rewrites; dw_adam: weight gradient + Adam, XLA's way and fused; skinny: forward "
+                   "and input-gradient products, XLA's and the split-contraction kernel's", flag_values=fv)
+    _f.DEFINE_list("skinny_tiles", list(SKINNY_TILES), "tile shapes of the split kernel "
+                   "(BMxBNxBKwWARPSsSTAGES; splits are chosen per product)", flag_values=fv)
     _f.DEFINE_list("dw_adam_blocks", list(DW_ADAM_SWEEP), "block configurations of the fused kernel "
                    "(BKxBNxBMwWARPSsSTAGES, then t: X and dY transposed first, p: weights and moments "
                    "loaded before the contraction)", flag_values=fv)
+    _f.DEFINE_list("skinny_cases", ["forward", "transposed", "input_grad"], "skinny products: x @ W, x @ W "
+                   "with W stored [N, K], dY @ Wᵀ", flag_values=fv)
     _f.DEFINE_string("out", "", "append JSON lines here", flag_values=fv)
     fv(["bench gemm"] + list(argv or []))
     from jaxrl_sparse.errors import UserError
@@ -198,8 +261,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     except ValueError:
         raise UserError(f"--split_k={','.join(fv.split_k)}: give whole numbers, e.g. 2,4,8") from None
     for p in fv.parts:
-        if p not in ("products", "dw_adam"):
-            raise UserError(f"--parts: unknown {p!r}; choose products, dw_adam")
+        if p not in ("products", "dw_adam", "skinny"):
+            raise UserError(f"--parts: unknown {p!r}; choose products, dw_adam, skinny")
     for spec in fv.dw_adam_blocks:
         parse_blocks(spec)
     rows = []
@@ -207,6 +270,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         rows += run_shapes(fv.rows, fv.hidden, fv.inner, fv.qkv, fv.layers, splits, fv.dtype, fv.reps)
     if "dw_adam" in fv.parts:
         rows += run_dw_adam(fv.rows, projections(fv.hidden, fv.inner, fv.qkv), fv.dw_adam_blocks, fv.dtype, fv.reps)
+    if "skinny" in fv.parts:
+        rows += run_skinny(fv.rows, fv.hidden, fv.inner, fv.qkv, fv.skinny_tiles, fv.reps, fv.skinny_cases)
     info = device_info()
     for r in rows:
         append_jsonl(fv.out or None, {"bench": "gemm", **r, **info})
