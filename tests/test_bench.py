@@ -153,3 +153,12 @@ def test_profile_tables_and_hlo_op_names(tmp_path):
                                ("sm90_xmma_gemm", 1, 1.0, "")]
     with pytest.raises(UserError, match="xla_dump_to"):
         profile.hlo_ops(str(tmp_path / "empty"))
+
+
+def test_rows_record_xla_flags(monkeypatch):
+    """A benchmark row names the XLA_FLAGS it ran under (the variant of a flag sweep), none when unset."""
+    from jaxrl_sparse.bench.common import device_info
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert "xla_flags" not in device_info()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_cudnn_layer_norm=true")
+    assert device_info()["xla_flags"] == "--xla_gpu_enable_cudnn_layer_norm=true"

@@ -17,10 +17,12 @@ import jax.numpy as jnp
 
 
 def device_info() -> Dict[str, Any]:
-    """Platform, device kind and count, JAX version, host."""
+    """Platform, device kind and count, JAX version, host, and XLA_FLAGS when set (a row's variant)."""
     d = jax.devices()[0]
+    flags = os.environ.get("XLA_FLAGS", "")
     return {"platform": d.platform, "device": getattr(d, "device_kind", str(d)),
-            "n_devices": jax.device_count(), "jax": jax.__version__, "host": platform.node()}
+            "n_devices": jax.device_count(), "jax": jax.__version__, "host": platform.node(),
+            **({"xla_flags": flags} if flags else {})}
 
 
 def timed(fn: Callable[[], Any]) -> Tuple[float, Any]:
