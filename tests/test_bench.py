@@ -101,6 +101,7 @@ def test_skinny_matmul_kernel_equals_the_product():
     with pytest.raises(ValueError, match="do not divide"):
         sm.partials(a, b, tiles=sm.Tiles(16, 16, 64, splits=2), interpret=True)  # 96 is not 2 x 64
     assert sm.parse("64x128x32k4w4s3") == sm.Tiles(64, 128, 32, 4, 4, 3)
+    assert sm.parse("64x128x32w4s3") == sm.Tiles(64, 128, 32, 1, 4, 3)
     with pytest.raises(UserError, match="BMxBN"):
         sm.parse("64x128")
     # gpt2-medium's mlp down forward at M = 320 with 64 x 128 tiles: 40 tiles, so 2..8 splits (80..320
@@ -110,6 +111,10 @@ def test_skinny_matmul_kernel_equals_the_product():
     rows = dispatch(small)  # no tile fits so few SMs' worth of programs: XLA's rows only, three per projection
     assert len(rows) == 12 and {r["variant"] for r in rows} == {"XLA"}
     assert [r["product"] for r in rows[:3]] == ["qkv forward", "qkv forward, W stored [N, K]", "qkv input grad"]
+    with pytest.raises(UserError, match="--skinny_cases: unknown 'backward'"):
+        dispatch(small + ["--skinny_cases=backward"])
+    with pytest.raises(UserError, match="BMxBNxBK"):
+        dispatch(small + ["--skinny_tiles=64x64"])
 
 
 def test_attention_bench_needs_a_gpu():

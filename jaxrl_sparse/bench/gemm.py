@@ -158,7 +158,7 @@ def skinny_sweep(M: int, K: int, N: int, tiles: List[str], sms: int = 132):
     from jaxrl_sparse.bench import skinny_matmul as sm
     out = []
     for spec in tiles:
-        t = sm.parse(spec.replace("w", "k1w", 1))
+        t = sm.parse(spec)
         for s in (1, 2, 3, 4, 6, 8, 12, 16, 32):
             c = t._replace(splits=s)
             grid = (M // c.bm) * (N // c.bn) * s
@@ -167,8 +167,11 @@ def skinny_sweep(M: int, K: int, N: int, tiles: List[str], sms: int = 132):
     return out
 
 
+SKINNY_CASES = ("forward", "transposed", "input_grad")
+
+
 def run_skinny(rows: int, hidden: int, inner: int, qkv: int, tiles: List[str], reps: int = 20,
-               cases=("forward", "transposed", "input_grad")):
+               cases=SKINNY_CASES):
     """Each forward (x @ W, W [K, N]) and input-gradient (dY @ Wᵀ) product of a layer, as XLA runs it
     and as `bench.skinny_matmul` (partials + their sum) over `skinny_sweep`'s tiles; forwards also
     with W stored transposed (what a [N, K] weight layout would give). max_err: vs XLA's product."""
@@ -247,11 +250,11 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                    "their rewrites; dw_adam: weight gradient + Adam, XLA's way and fused; skinny: forward "
                    "and input-gradient products, XLA's and the split-contraction kernel's", flag_values=fv)
     _f.DEFINE_list("skinny_tiles", list(SKINNY_TILES), "tile shapes of the split kernel "
-                   "(BMxBNxBKwWARPSsSTAGES; splits are chosen per product)", flag_values=fv)
+                   "(BMxBNxBKwWARPSsSTAGES; the splits are chosen per product)", flag_values=fv)
     _f.DEFINE_list("dw_adam_blocks", list(DW_ADAM_SWEEP), "block configurations of the fused kernel "
                    "(BKxBNxBMwWARPSsSTAGES, then t: X and dY transposed first, p: weights and moments "
                    "loaded before the contraction)", flag_values=fv)
-    _f.DEFINE_list("skinny_cases", ["forward", "transposed", "input_grad"], "skinny products: x @ W, x @ W "
+    _f.DEFINE_list("skinny_cases", list(SKINNY_CASES), "skinny products: x @ W, x @ W "
                    "with W stored [N, K], dY @ Wᵀ", flag_values=fv)
     _f.DEFINE_string("out", "", "append JSON lines here", flag_values=fv)
     fv(["bench gemm"] + list(argv or []))
@@ -265,6 +268,12 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
             raise UserError(f"--parts: unknown {p!r}; choose products, dw_adam, skinny")
     for spec in fv.dw_adam_blocks:
         parse_blocks(spec)
+    from jaxrl_sparse.bench import skinny_matmul as sm
+    for spec in fv.skinny_tiles:
+        sm.parse(spec)
+    for c in fv.skinny_cases:
+        if c not in SKINNY_CASES:
+            raise UserError(f"--skinny_cases: unknown {c!r}; choose {', '.join(SKINNY_CASES)}")
     rows = []
     if "products" in fv.parts:
         rows += run_shapes(fv.rows, fv.hidden, fv.inner, fv.qkv, fv.layers, splits, fv.dtype, fv.reps)

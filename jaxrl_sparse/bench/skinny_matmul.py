@@ -49,13 +49,14 @@ def name(t: Tiles) -> str:
 
 
 def parse(spec: str) -> Tiles:
-    """'64x128x32k4w4s3' -> Tiles(64, 128, 32, splits=4, num_warps=4, num_stages=3)."""
+    """'64x128x32k4w4s3' -> Tiles(64, 128, 32, splits=4, num_warps=4, num_stages=3); without 'kS', 1 split."""
     import re
     from jaxrl_sparse.errors import UserError
-    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)k(\d+)w(\d+)s(\d+)", spec.strip())
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)(?:k(\d+))?w(\d+)s(\d+)", spec.strip())
     if not m:
-        raise UserError(f"tiles {spec!r}: write BMxBNxBKkSPLITSwWARPSsSTAGES, e.g. 64x128x32k4w4s3")
-    return Tiles(*(int(v) for v in m.groups()))
+        raise UserError(f"tiles {spec!r}: write BMxBNxBK[kSPLITS]wWARPSsSTAGES, e.g. 64x128x32k4w4s3")
+    bm, bn, bk, k, w, st = m.groups()
+    return Tiles(int(bm), int(bn), int(bk), int(k or 1), int(w), int(st))
 
 
 def fits(M: int, K: int, N: int, t: Tiles) -> bool:
