@@ -49,12 +49,12 @@ def test_es_bench_small_np_runs(noise_prompt):
 
 def test_ppo_bench_small_with_update_breakdown():
     from jaxrl_sparse.bench import ppo as bench_ppo
-    rows = bench_ppo.main(["--settings=small", "--repeats=1", "--breakdown"])
+    rows = bench_ppo.main(["--settings=small", "--repeats=1", "--breakdown", "--layer_loop=on"])
     row = rows[0]
     assert row["setting"] == "small" and row["batch"] == 4 and row["mini_batch"] == 2
     assert row["s_per_iter"] == pytest.approx(row["rollout_s"] + row["reward_s"] + row["update_s"])
-    parts = row["update_parts"]
-    assert set(parts) == {"score", "grad", "optimizer", "mb_step"}
+    parts = row["update_parts"]  # with the layer loop: also the state into its per-layer carry and back
+    assert set(parts) == {"score", "grad", "optimizer", "mb_step", "carry_in", "carry_out"}
     assert all(v > 0 for v in parts.values())
     with pytest.raises(UserError, match="unknown 'nope'"):
         bench_ppo.main(["--settings=nope"])

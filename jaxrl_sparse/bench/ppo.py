@@ -8,7 +8,7 @@ TRL is not installed there.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,8 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
                   per_device_batch: int = 0, breakdown: bool = False,
                   layer_loop: Optional[bool] = None, small_below: Optional[int] = None,
                   join_qkv: bool = True, join_gate_up: bool = True, log_grad_norm: bool = False,
-                  fused_adam: str = "auto", fused_blocks: str = "", steps_per_sync: int = 1) -> Dict[str, Any]:
+                  fused_adam: str = "auto", fused_blocks: str = "", steps_per_sync: int = 1,
+                  resident: bool = True) -> Dict[str, Any]:
     """mesh: 'data:N,fsdp:M' ('' = all devices on data). per_device_batch > 0: the batch is this
     many rows per device (weak scaling), mini-batches keep the setting's batch/mini-batch ratio.
     breakdown: also time the update's parts alone (`update_parts`). layer_loop: the update's
@@ -40,7 +41,9 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     `small_below` (None = the trainer's `ppo.SMALL_LEAF_STACKED_BELOW`); join_qkv, join_gate_up: its
     `join_qkv`, `join_gate_up`; log_grad_norm, fused_adam, steps_per_sync: the trainer's
     --log_grad_norm (off by default, as there), --fused_adam and --steps_per_sync; fused_blocks: the
-    fused kernel's tiles ('' = its default, else `gemm.parse_blocks`' format)."""
+    fused kernel's tiles ('' = its default, else `gemm.parse_blocks`' format). resident: keep the
+    state in the update's carry layout between iterations where the trainer does (layer loop, one
+    device; `ppo.update_carry`); False: the update converts it in and out every iteration."""
     from jaxrl_sparse import parallel
     from jaxrl_sparse.generate import generate
     from jaxrl_sparse.models import classifier as clf
@@ -80,9 +83,14 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     score_fn = ppo.make_score_fn(mcfg, Q, msh)
     if small_below is None:
         small_below = ppo.SMALL_LEAF_STACKED_BELOW
+    resident = resident and ppo.use_resident_update(layer_loop, msh)
     update_fn = ppo.make_update_fn(mcfg, key, Q, msh, parallel.param_layout(state, msh), layer_loop=layer_loop,
                                    small_below=small_below, join_qkv=join_qkv, join_gate_up=join_gate_up,
-                                   **({"fused_blocks": parse_blocks(fused_blocks)} if fused_blocks else {}))
+                                   **({"fused_blocks": parse_blocks(fused_blocks)} if fused_blocks else {}),
+                                   resident=resident)
+    carry = ppo.update_carry(mcfg, small_below, join_qkv, join_gate_up) if resident else None
+    if resident:  # as the trainer: the state stays in the update's carry layout
+        state = carry.to_carry(state)
 
     @jax.jit
     def reward(tokens):
@@ -97,7 +105,8 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     def iteration(i, state):
         kk = jax.random.fold_in(k, 100 + i)
         t0 = time.perf_counter()
-        gen = generate(state["trainable"]["model"], mcfg, q_tok, q_mask, kk, max_new_tokens=N,
+        view = carry.view(state) if resident else state["trainable"]  # stacked weights
+        gen = generate(view["model"], mcfg, q_tok, q_mask, kk, max_new_tokens=N,
                        top_k=top_k, top_p=top_p, fixed_length=True, eos_token_id=[], mesh=msh,
                        steps_per_sync=pcfg.steps_per_sync)
         jax.block_until_ready(gen.tokens)
@@ -106,7 +115,8 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
         scores = jax.block_until_ready(reward(tokens))
         t2 = time.perf_counter()
         mask, resp = parallel.put_batch((np.ones(tokens.shape, np.int32), np.ones((B, N), np.float32)), msh)
-        lp, v, rlp, klf = score_fn(state["trainable"], ref, tokens, mask, key)
+        lp, v, rlp, klf = score_fn(view, ref, tokens, mask, key)
+        del view
         adv, ret, vals, _ = ppo.compute_advantages(key, scores, lp, rlp, v, resp, jnp.float32(0.2), klf)
         batch = parallel.put_batch({"tokens": tokens, "mask": mask, "resp_mask": resp, "logprobs": lp,
                                     "values": vals, "advantages": adv, "returns": ret}, msh)
@@ -135,15 +145,19 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
            "per_device_batch": B // n_rows, "layer_loop": loop_on, "small_below": small_below,
            "join_qkv": join_qkv, "join_gate_up": join_gate_up, "log_grad_norm": log_grad_norm,
            "fused_adam": ppo.use_fused_adam(key, loop_on, msh.size == 1),
-           "fused_blocks": fused_blocks, "steps_per_sync": steps_per_sync,
+           "fused_blocks": fused_blocks, "steps_per_sync": steps_per_sync, "resident": resident,
            "peak_mem_gb": max(peak_mem) / 1e9, "peak_mem_gb_per_device": [m / 1e9 for m in peak_mem],
            **device_info()}
     if breakdown:
-        row["update_parts"] = update_parts(state, ref, last, mcfg, key, Q, score_fn, repeats)
+        loop_carry = (join_qkv and msh.size == 1, join_gate_up and msh.size == 1, small_below) if loop_on else None
+        stacked = carry.to_stacked(state) if resident else state
+        del state
+        row["update_parts"] = update_parts(stacked, ref, last, mcfg, key, Q, score_fn, repeats, loop_carry)
     return row
 
 
-def update_parts(state, ref, last, mcfg, pcfg, Q: int, score_fn, repeats: int = 3) -> Dict[str, float]:
+def update_parts(state, ref, last, mcfg, pcfg, Q: int, score_fn, repeats: int = 3,
+                 carry: Optional[Tuple[bool, bool, int]] = None) -> Dict[str, float]:
     """Seconds of the update's parts, each jitted and timed alone (median of `repeats` after a warm-up).
 
     score: the policy + reference pass over the batch; grad: value and gradient of the PPO loss on
@@ -151,6 +165,9 @@ def update_parts(state, ref, last, mcfg, pcfg, Q: int, score_fn, repeats: int = 
     step (`ppo.minibatch_step`, the scanned update's body), all on stacked weights. score + steps x
     mb_step vs the measured update shows what the scan adds (or, with the update's layer loop, saves:
     chained in the scan with per-layer weights a step costs less than alone; BENCHMARKS.md, session 8).
+    carry (the layer loop's join_qkv, join_gate_up, small_below): also carry_in / carry_out, the
+    update's conversion of the whole state (weights and Adam moments) into its per-layer carry layout
+    and back (`ppo.to_update_carry` / `from_update_carry`), paid once per update.
     """
     from jaxrl_sparse.bench.common import time_calls
     from jaxrl_sparse.rl import ppo
@@ -172,6 +189,12 @@ def update_parts(state, ref, last, mcfg, pcfg, Q: int, score_fn, repeats: int = 
 
     out["optimizer"] = time_calls(lambda: run(opt_step, g), repeats)["median_s"]
     out["mb_step"] = time_calls(lambda: run(mb_step), repeats)["median_s"]
+    if carry is not None:
+        to_c = jax.jit(lambda st: ppo.to_update_carry(st, *carry))
+        t = time_calls(lambda: to_c(box[0]), repeats)
+        out["carry_in"] = t["median_s"]
+        from_c = jax.jit(lambda st: ppo.from_update_carry(st, mcfg))
+        out["carry_out"] = time_calls(lambda: from_c(t["out"]), repeats)["median_s"]
     return out
 
 
@@ -187,7 +210,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     _f.DEFINE_integer("per_device_batch", 0, "rows per device (weak scaling); 0 = the setting's global batch",
                       flag_values=fv)
     _f.DEFINE_bool("breakdown", False, "also time the update's parts alone: score pass, one mini-batch "
-                   "gradient, one optimizer step, one mini-batch step", flag_values=fv)
+                   "gradient, one optimizer step, one mini-batch step; with the layer loop also the state's "
+                   "conversion into its per-layer carry and back", flag_values=fv)
     _f.DEFINE_enum("layer_loop", "auto", ["auto", "on", "off"], "the update carries per-layer weights "
                    "through its mini-batch steps (auto: on for accelerators, off on CPU)", flag_values=fv)
     _f.DEFINE_integer("small_below", None, "with the layer loop, leaves with fewer elements per layer stay "
@@ -202,6 +226,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                    "matrix's gradient and Adam step as one kernel (auto: on GPUs where it applies)", flag_values=fv)
     _f.DEFINE_string("fused_blocks", "", "tiles of the fused kernel, BKxBNxBMwWARPSsSTAGES ('' = default)",
                      flag_values=fv)
+    _f.DEFINE_bool("resident", True, "keep the state in the update's carry layout between iterations, as the "
+                   "trainer does with the layer loop on one device (--noresident: converted every update)",
+                   flag_values=fv)
     from jaxrl_sparse.rl.ppo import PPOConfig
     _f.DEFINE_integer("steps_per_sync", PPOConfig.steps_per_sync, "the trainer's --steps_per_sync: rollout "
                       "decode steps per loop test", flag_values=fv)
@@ -218,7 +245,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                             breakdown=fv.breakdown, layer_loop=loop,
                             small_below=fv.small_below, join_qkv=fv.join_qkv, join_gate_up=fv.join_gate_up,
                             log_grad_norm=fv.log_grad_norm, fused_adam=fv.fused_adam,
-                            fused_blocks=fv.fused_blocks, steps_per_sync=fv.steps_per_sync)
+                            fused_blocks=fv.fused_blocks, steps_per_sync=fv.steps_per_sync,
+                            resident=fv.resident)
         rows.append(row)
         append_jsonl(fv.out or None, {"bench": "ppo", **row})
     print(markdown_table(rows, [("setting", "setting"), ("batch", "B"), ("mini_batch", "mb"),

@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -387,11 +387,52 @@ def use_fused_adam(pcfg: PPOConfig, layer_loop: bool, one_device: bool) -> bool:
     return fusable and (pcfg.fused_adam == "on" or (pcfg.fused_adam == "auto" and jax.default_backend() == "gpu"))
 
 
+def to_update_carry(tree, join_qkv: bool, join_gate_up: bool, small_below: int):
+    """A model-shaped tree (params, Adam moments, a gradient mask) in the layer loop's carry layout:
+    projections joined (`join_projections`), layers split (`split_layers`, small leaves stacked)."""
+    return map_layers(tree, lambda layers: split_layers(join_projections(layers, join_qkv, join_gate_up),
+                                                        small_below))
+
+
+def from_update_carry(tree, mcfg: ModelConfig):
+    """Inverse of `to_update_carry`: layers stacked again, projections split back."""
+    return map_layers(tree, lambda layers: split_projections(stack_layers(layers), mcfg))
+
+
+class UpdateCarry(NamedTuple):
+    """Jitted conversions of a resident update's state (`make_update_fn(resident=True)`).
+
+    to_carry: a stacked state (or gradient mask) -> the carry layout (a copy: drop the input);
+    to_stacked: a carry-layout tree -> stacked (a copy; for checkpoints, rank logging, export);
+    view: a carry-layout state's {'model', 'value_head'} stacked, what the rollout and the score
+    pass read (the weights only, a third of the state's bytes)."""
+    to_carry: Any
+    to_stacked: Any
+    view: Any
+
+
+def use_resident_update(layer_loop: Optional[bool], mesh=None) -> bool:
+    """Whether `train` keeps the state in the update's carry layout: layer loop, one device."""
+    return update_layer_loop(layer_loop) and (mesh is None or mesh.size == 1)
+
+
+@functools.lru_cache(maxsize=8)
+def update_carry(mcfg: ModelConfig, small_below: int = SMALL_LEAF_STACKED_BELOW, join_qkv: bool = True,
+                 join_gate_up: bool = True) -> UpdateCarry:
+    """`UpdateCarry` for a resident update made with the same small_below / join_qkv / join_gate_up."""
+    to_stacked = jax.jit(lambda tree: from_update_carry(tree, mcfg))
+    return UpdateCarry(
+        to_carry=jax.jit(lambda tree: to_update_carry(tree, join_qkv, join_gate_up, small_below)),
+        to_stacked=to_stacked,
+        view=lambda state: to_stacked(state["trainable"]))
+
+
 @functools.lru_cache(maxsize=8)
 def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
                    layout: Optional[parallel.Layout] = None, masked: bool = False,
                    layer_loop: Optional[bool] = None, small_below: int = SMALL_LEAF_STACKED_BELOW,
-                   join_qkv: bool = True, join_gate_up: bool = True, fused_blocks: fused.Blocks = fused.Blocks()):
+                   join_qkv: bool = True, join_gate_up: bool = True, fused_blocks: fused.Blocks = fused.Blocks(),
+                   resident: bool = False):
     """jit: (state, batch, key, grad_mask) -> (state, stats). All PPO epochs and mini-batches in one function.
 
     state = {'trainable': {'model', 'value_head'}, 'opt_state'}; batch holds tokens/mask [B,Q+N],
@@ -409,6 +450,10 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
     projections joined (`decoder.join_projections`, weights and Adam moments): one gemm where three ran;
     join_gate_up: likewise a gated MLP's gate/up projections (one gemm where two ran). One device
     only: joining along a sharded axis would move data.
+    resident (with the layer loop): state and grad_mask come and go in the carry layout
+    (`update_carry(...).to_carry`), so the conversion into it and back, ~15 ms per update for
+    gpt2-medium's weights and Adam moments on an H100, is not paid every update; the caller keeps
+    the state in that layout between updates (`train`).
     pcfg.fused_adam: each per-layer f32 weight matrix's gradient and Adam step run as one kernel
     (`fused_minibatch_step`, tiles `fused_blocks`); 'auto' = on a GPU where it applies: layer loop, one
     device, f32 weights (or an f32 master), no clipping and no gradient-norm statistic (both need the
@@ -418,6 +463,8 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
     layer_loop = update_layer_loop(layer_loop)
     one_device = mesh is None or mesh.size == 1  # joining along a sharded output axis would need gathers
     join_qkv, join_gate_up = join_qkv and one_device, join_gate_up and one_device
+    if resident and not (layer_loop and one_device):
+        raise ValueError("make_update_fn: resident needs the layer loop on one device")
     B, mb = pcfg.batch_size, pcfg.mini_batch_size
     n_mb = B // mb
     optimizer = make_optimizer(pcfg)
@@ -449,24 +496,21 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
                 stop = stop | (epoch_end & (stats["policy/policykl"] > 1.5 * pcfg.target_kl))
             return (new_state, stop), stats
 
-        if layer_loop:
-            def split(layers):
-                return split_layers(join_projections(layers, join_qkv, join_gate_up), small_below)
-
-            state = map_layers(state, split)
-            grad_mask = map_layers(grad_mask, split)
+        if layer_loop and not resident:
+            state = to_update_carry(state, join_qkv, join_gate_up, small_below)
+            grad_mask = to_update_carry(grad_mask, join_qkv, join_gate_up, small_below)
         perms = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), B).reshape(n_mb, mb)
                                  for e in range(pcfg.ppo_epochs)])
         epoch_end = (jnp.arange(pcfg.ppo_epochs * n_mb) % n_mb) == n_mb - 1
         (state, _), stats = jax.lax.scan(mb_step, (state, jnp.zeros((), jnp.bool_)), (perms, epoch_end))
-        if layer_loop:
-            state = map_layers(state, lambda layers: split_projections(stack_layers(layers), mcfg))
+        if layer_loop and not resident:
+            state = from_update_carry(state, mcfg)
         w = stats.pop("ppo/applied")
         mean = {k: jnp.sum(v * w) / jnp.maximum(jnp.sum(w), 1.0) for k, v in stats.items()}
         mean["ppo/minibatches_applied"] = jnp.sum(w)
         return state, mean
 
-    if mesh is None:
+    if mesh is None or resident:  # resident: one device, the carry layout's own structure
         return jax.jit(update, donate_argnums=(0,))
     rep_ = parallel.replicated(mesh)
     st = layout.tree
@@ -502,10 +546,14 @@ def _response_lengths(key, B: int, lo: int, hi: int):
     return jax.random.randint(key, (B,), lo, hi + 1)
 
 
-def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] = None) -> Dict[str, Any]:
+def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] = None,
+          layer_loop: Optional[bool] = None) -> Dict[str, Any]:
     """Runs (or resumes) a PPO run in `pcfg.workdir`; returns a summary dict.
 
     stop_after: stop once this many updates are done in total (tests use it to simulate a kill).
+    layer_loop: the update's (`make_update_fn`; None = on for accelerators, off on CPU). With it on
+    one device the state stays in the update's carry layout between updates (`update_carry`);
+    checkpoints, rank statistics and the export see the usual stacked layout.
     """
     from tqdm.auto import tqdm
     from jaxrl_sparse.generate import generate
@@ -557,9 +605,22 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
     meta = {"trainer": "ppo", "model": pcfg.model, "model_config": dataclasses.asdict(mcfg),
             "ppo_config": dataclasses.asdict(pcfg)}
 
+    resident = use_resident_update(layer_loop, mesh)
+    carry = update_carry(mcfg) if resident else None
+
+    def in_carry() -> bool:  # per-layer weights: converted below, once the update is made
+        return isinstance(state["trainable"]["model"]["layers"], (tuple, list))
+
+    def stacked():  # the state as checkpoints hold it
+        return carry.to_stacked(state) if in_carry() else state
+
+    def trainable_now():  # {'model', 'value_head'}, stacked: what the rollout, scoring and statistics read
+        return carry.view(state) if in_carry() else state["trainable"]
+
     def save(step):
-        tree = {"params": policy_params(state["trainable"], pcfg), "trainable": state["trainable"],
-                "opt_state": state["opt_state"]}
+        st = stacked()
+        tree = {"params": policy_params(st["trainable"], pcfg), "trainable": st["trainable"],
+                "opt_state": st["opt_state"]}
         checkpoint.save(ckpt_dir, step, tree, metadata={**meta, "host": host, "step": step},
                         overwrite=True)
 
@@ -576,7 +637,12 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
 
     score_fn = make_score_fn(mcfg, Q, mesh)
     pkey = compile_key(pcfg)
-    update_fn = make_update_fn(mcfg, pkey, Q, mesh, layout, grad_mask is not None)
+    update_fn = make_update_fn(mcfg, pkey, Q, mesh, layout, grad_mask is not None, layer_loop=layer_loop,
+                               resident=resident)
+    if resident:  # from here on the state (and the mask) stay in the update's carry layout
+        del trainable, model_train  # the stacked arrays go with the last reference (the line below)
+        state = carry.to_carry(state)
+        grad_mask = None if grad_mask is None else carry.to_carry(grad_mask)
     mine = parallel.process_rows(B)   # rows this process decodes and scores (host work)
     params_0 = ref_params
     end = pcfg.num_updates if stop_after is None else min(stop_after, pcfg.num_updates)
@@ -588,7 +654,8 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
         k_step = jax.random.fold_in(k_run, step)
         k_gen, k_len, k_upd = jax.random.split(k_step, 3)
         idx = np.asarray(jax.random.choice(jax.random.fold_in(k_data, step), len(queries), (B,), replace=False))
-        pol = policy_params(state["trainable"], pcfg)
+        view = trainable_now()
+        pol = policy_params(view, pcfg)
         query, query_mask = q_tok[idx], q_mask[idx]                       # host [B, Q]
         gen = generate(pol, mcfg, query, query_mask, k_gen, mesh=mesh,
                        max_new_tokens=N, temperature=pcfg.temperature, top_k=pcfg.top_k,
@@ -614,7 +681,8 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
         tokens, mask, resp_f, scores = parallel.put_batch(
             (np.concatenate([query, resp_np], axis=1), np.concatenate([query_mask, rmask_np], axis=1),
              rmask_np.astype(np.float32), np.asarray(scores)), mesh)
-        lp, values, rlp, kl_full = score_fn(state["trainable"], ref_params, tokens, mask, pkey)
+        lp, values, rlp, kl_full = score_fn(view, ref_params, tokens, mask, pkey)
+        del view, pol  # the stacked copy of a resident state's weights
         adv, returns, vals, adv_stats = compute_advantages(pkey, scores, lp, rlp, values, resp_f,
                                                            jnp.float32(host["kl_coef"]), kl_full)
         batch = parallel.put_batch({"tokens": tokens, "mask": mask, "resp_mask": resp_f, "logprobs": lp,
@@ -638,7 +706,7 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
                    "time/step": t3 - t0}
         if done % pcfg.rank_log_every == 0 or done == pcfg.num_updates:
             from jaxrl_sparse.analysis.ranks import layer_rank_stats
-            p_t = policy_params(state["trainable"], pcfg)
+            p_t = policy_params(trainable_now(), pcfg)
             if mesh.size > 1:  # batched SVDs of sharded arrays: gathered to one device (host copy) first
                 p_t, params_0 = parallel.to_host(p_t), parallel.to_host(params_0)
             metrics.update(layer_rank_stats(p_t, params_0, tau=pcfg.tau, include_regex=pcfg.track_regex or None))
@@ -657,7 +725,7 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
                                  smooth=min(10, max(1, len(rows) // 10))))
     export_dir = None
     if pcfg.export_final and end == pcfg.num_updates:
-        host_params = parallel.to_host(policy_params(state["trainable"], pcfg))  # every process: a gather
+        host_params = parallel.to_host(policy_params(trainable_now(), pcfg))  # every process: a gather
         if is_writer():
             from jaxrl_sparse.models import export_hf
             name = os.path.basename(pcfg.model.rstrip("/")).replace(".gguf", "")
