@@ -8,7 +8,7 @@ TRL is not installed there.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +88,9 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
                                    small_below=small_below, join_qkv=join_qkv, join_gate_up=join_gate_up,
                                    **({"fused_blocks": parse_blocks(fused_blocks)} if fused_blocks else {}),
                                    resident=resident)
-    carry = ppo.update_carry(mcfg, small_below, join_qkv, join_gate_up) if resident else None
+    loop_on = ppo.update_layer_loop(layer_loop)
+    one = msh.size == 1  # make_update_fn joins projections on one device only
+    carry = ppo.update_carry(mcfg, small_below, join_qkv and one, join_gate_up and one) if loop_on else None
     if resident:  # as the trainer: the state stays in the update's carry layout
         state = carry.to_carry(state)
 
@@ -134,7 +136,6 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
         times.append(ph)
     rollout, rew, upd = (float(np.median([x[j] for x in times])) for j in range(3))
     peak_mem = [peak_memory_bytes(d) or 0 for d in msh.local_devices]
-    loop_on = ppo.update_layer_loop(layer_loop)
     total = rollout + rew + upd
     row = {"setting": name, "model": mcfg.family if small else model, "batch": B, "mini_batch": mb,
            "epochs": epochs, "query": Q, "response": N, "dtype": dtype,
@@ -149,15 +150,14 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
            "peak_mem_gb": max(peak_mem) / 1e9, "peak_mem_gb_per_device": [m / 1e9 for m in peak_mem],
            **device_info()}
     if breakdown:
-        loop_carry = (join_qkv and msh.size == 1, join_gate_up and msh.size == 1, small_below) if loop_on else None
         stacked = carry.to_stacked(state) if resident else state
         del state
-        row["update_parts"] = update_parts(stacked, ref, last, mcfg, key, Q, score_fn, repeats, loop_carry)
+        row["update_parts"] = update_parts(stacked, ref, last, mcfg, key, Q, score_fn, repeats, carry)
     return row
 
 
 def update_parts(state, ref, last, mcfg, pcfg, Q: int, score_fn, repeats: int = 3,
-                 carry: Optional[Tuple[bool, bool, int]] = None) -> Dict[str, float]:
+                 carry=None) -> Dict[str, float]:
     """Seconds of the update's parts, each jitted and timed alone (median of `repeats` after a warm-up).
 
     score: the policy + reference pass over the batch; grad: value and gradient of the PPO loss on
@@ -165,9 +165,9 @@ def update_parts(state, ref, last, mcfg, pcfg, Q: int, score_fn, repeats: int = 
     step (`ppo.minibatch_step`, the scanned update's body), all on stacked weights. score + steps x
     mb_step vs the measured update shows what the scan adds (or, with the update's layer loop, saves:
     chained in the scan with per-layer weights a step costs less than alone; BENCHMARKS.md, session 8).
-    carry (the layer loop's join_qkv, join_gate_up, small_below): also carry_in / carry_out, the
-    update's conversion of the whole state (weights and Adam moments) into its per-layer carry layout
-    and back (`ppo.to_update_carry` / `from_update_carry`), paid once per update.
+    carry (the layer loop's `ppo.update_carry`): also carry_in / carry_out, the update's conversion
+    of the whole state (weights and Adam moments) into its per-layer carry layout and back, paid
+    once per update unless the state stays in that layout.
     """
     from jaxrl_sparse.bench.common import time_calls
     from jaxrl_sparse.rl import ppo
@@ -190,11 +190,9 @@ def update_parts(state, ref, last, mcfg, pcfg, Q: int, score_fn, repeats: int = 
     out["optimizer"] = time_calls(lambda: run(opt_step, g), repeats)["median_s"]
     out["mb_step"] = time_calls(lambda: run(mb_step), repeats)["median_s"]
     if carry is not None:
-        to_c = jax.jit(lambda st: ppo.to_update_carry(st, *carry))
-        t = time_calls(lambda: to_c(box[0]), repeats)
+        t = time_calls(lambda: carry.to_carry(box[0]), repeats)
         out["carry_in"] = t["median_s"]
-        from_c = jax.jit(lambda st: ppo.from_update_carry(st, mcfg))
-        out["carry_out"] = time_calls(lambda: from_c(t["out"]), repeats)["median_s"]
+        out["carry_out"] = time_calls(lambda: carry.to_stacked(t["out"]), repeats)["median_s"]
     return out
 
 
