@@ -56,6 +56,7 @@ def test_ppo_bench_small_with_update_breakdown():
     parts = row["update_parts"]  # with the layer loop: also the state into its per-layer carry and back
     assert set(parts) == {"score", "grad", "optimizer", "mb_step", "carry_in", "carry_out"}
     assert all(v > 0 for v in parts.values())
+    assert len(row["state_digest"]) == 16  # the state after the run, bit for bit (`common.tree_digest`)
     with pytest.raises(UserError, match="unknown 'nope'"):
         bench_ppo.main(["--settings=nope"])
 
@@ -167,3 +168,18 @@ def test_rows_record_xla_flags(monkeypatch):
     assert "xla_flags" not in device_info()
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_cudnn_layer_norm=true")
     assert device_info()["xla_flags"] == "--xla_gpu_enable_cudnn_layer_norm=true"
+
+
+def test_tree_digest_is_bit_exact():
+    """Equal trees (however reduced) give equal digests; one flipped bit in one element, a swapped
+    pair of leaves or a bf16 leaf's last bit give another."""
+    from jaxrl_sparse.bench.common import tree_digest
+    a = {"w": jnp.arange(1000, dtype=jnp.float32) / 7, "b": jnp.ones((3,), jnp.bfloat16), "n": jnp.int32(5)}
+    assert tree_digest(a) == tree_digest(jax.tree_util.tree_map(jnp.copy, a))
+    w = np.asarray(a["w"]).copy()
+    w.view(np.uint32)[123] ^= 1  # the last mantissa bit of one element
+    assert tree_digest({**a, "w": jnp.asarray(w)}) != tree_digest(a)
+    b = np.asarray(a["b"]).copy()
+    b.view(np.uint16)[0] ^= 1
+    assert tree_digest({**a, "b": jnp.asarray(b)}) != tree_digest(a)
+    assert tree_digest({"w": a["b"], "b": a["w"], "n": a["n"]}) != tree_digest(a)

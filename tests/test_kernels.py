@@ -47,6 +47,24 @@ def test_kernel_is_optax_adam_on_the_weight_gradient(M, masked, layout):
                                    rtol=1e-6)
 
 
+def test_fewer_programs_than_tiles_walk_every_tile():
+    """blocks.programs: 3 programs step through the 6 tiles of a [64, 96] weight (2 each, rows and
+    columns of tiles both > 1): the same step as the plain-jnp reference, every tile updated."""
+    x, dy, p, mu, nu, mask = _inputs(40, 64, 96, seed=2)
+    hyper = fz.AdamHyper(lr=1e-2, eps=1e-6)
+    c = fz.corrections(jnp.int32(3), hyper)
+    blocks = fz.fit_blocks(64, 96, fz.Blocks(bk=32, bn=32, bm=16, programs=4))
+    assert blocks.programs == 3  # the largest divisor of 6 tiles up to 4
+    want = fz.dw_adam_reference(x, dy, p, mu, nu, c, mask, hyper=hyper)
+    got = fz.dw_adam(x, dy, p, mu, nu, c, mask, hyper=hyper, blocks=blocks, interpret=True)
+    for name, a, b in zip(("p", "mu", "nu"), got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6, err_msg=name)
+    assert np.all(np.abs(np.asarray(got[1] - mu)) > 0)  # no tile left out: every first moment moved
+    again = fz.dw_adam(x, dy, p, mu, nu, c, mask, hyper=hyper, blocks=blocks._replace(programs=4), interpret=True)
+    for a, b in zip(again, got):  # 4 programs asked for: 3 used (4 does not divide 6 tiles)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_off_the_gpu_the_reference_runs():
     """interpret=None on the CPU lowers the plain-jnp reference (platform_dependent): same result."""
     x, dy, p, mu, nu, _ = _inputs(16, 32, 32, seed=1)
@@ -62,12 +80,16 @@ def test_fit_blocks():
     assert fz.fit_blocks(1024, 3072)[:2] == (32, 64)
     assert fz.fit_blocks(576, 960, fz.Blocks(bk=128, bn=128))[:2] == (64, 64)  # SmolLM2's widths
     assert fz.fit_blocks(24, 64) is None  # no tile >= 16 divides 24
+    assert fz.fit_blocks(1024, 3072, fz.Blocks(programs=132)).programs == 128  # 1536 tiles
+    assert fz.fit_blocks(576, 960).programs == 135  # SmolLM2's q/k/v: 270 tiles, 256 does not divide
+    assert fz.fit_blocks(1024, 3072, fz.Blocks(programs=0)).programs == 0  # one program per tile
     with pytest.raises(ValueError, match="do not divide"):
         x, dy, p, mu, nu, _ = _inputs(8, 32, 48)
         fz.dw_adam(x, dy, p, mu, nu, jnp.ones(2), hyper=fz.AdamHyper(lr=1.0), blocks=fz.Blocks(bk=32, bn=32))
 
 
-@pytest.mark.parametrize("masked,blocks", [(False, fz.Blocks()), (True, fz.Blocks(transposed=True, prefetch=True))])
+@pytest.mark.parametrize("masked,blocks", [(False, fz.Blocks()), (True, fz.Blocks(transposed=True, prefetch=True)),
+                                           (True, fz.Blocks(programs=256))])
 def test_kernel_lowers_for_cuda(masked, blocks):
     """Lowered for CUDA on this CPU machine (jax.export): the program is the Triton kernel, with the
     weights and both moments updated in place (aliased to the outputs)."""

@@ -80,6 +80,23 @@ def tree_bytes(tree) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
+def tree_digest(tree) -> str:
+    """A bit-level fingerprint of a pytree's arrays, computed on their devices: each leaf's bits summed
+    as wrapping uint32 (exact, so independent of reduction order), the sums hashed. Equal trees give
+    equal digests; a changed bit in any element changes it. Used to check that two compilations of
+    the same program (e.g. under different XLA_FLAGS) compute the same state."""
+    import hashlib
+    import numpy as np
+
+    def bits(x):
+        u = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+        return jnp.sum(u.astype(jnp.uint32), dtype=jnp.uint32)
+
+    leaves = [jnp.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+    sums = np.asarray(jax.device_get([bits(x) for x in leaves]), dtype=np.uint32)
+    return hashlib.sha256(sums.tobytes()).hexdigest()[:16]
+
+
 def markdown_table(rows: Sequence[Dict[str, Any]], columns: Sequence[Tuple[str, str]]) -> str:
     """A markdown table: columns = [(key, header)]; floats with 3 significant decimals."""
     def fmt(v):

@@ -86,20 +86,22 @@ def projections(hidden: int, inner: int, qkv: int):
 
 
 def parse_blocks(spec: str):
-    """'64x128x32w4s2[t][p]' -> kernels.dw_adam.Blocks(bk=64, bn=128, bm=32, num_warps=4, num_stages=2,
-    transposed='t' given, prefetch='p' given)."""
+    """'64x128x32w4s2[t][p][gN]' -> kernels.dw_adam.Blocks(bk=64, bn=128, bm=32, num_warps=4,
+    num_stages=2, transposed='t' given, prefetch='p' given, programs=N or 0)."""
     import re
     from jaxrl_sparse.errors import UserError
     from jaxrl_sparse.kernels.dw_adam import Blocks
-    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(t?)(p?)", spec.strip())
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(t?)(p?)(?:g(\d+))?", spec.strip())
     if not m:
-        raise UserError(f"blocks {spec!r}: write BKxBNxBMwWARPSsSTAGES[t][p], e.g. 64x64x32w4s2tp")
-    *ints, t, p = m.groups()
-    return Blocks(*(int(v) for v in ints), transposed=bool(t), prefetch=bool(p))
+        raise UserError(f"blocks {spec!r}: write BKxBNxBMwWARPSsSTAGES[t][p][gPROGRAMS], e.g. 64x64x32w4s2tp "
+                        "or 32x64x64w4s3tg256")
+    *ints, t, p, g = m.groups()
+    return Blocks(*(int(v) for v in ints), transposed=bool(t), prefetch=bool(p), programs=int(g or 0))
 
 
 def block_name(b) -> str:
-    return f"{b.bk}x{b.bn}x{b.bm}w{b.num_warps}s{b.num_stages}{'t' * b.transposed}{'p' * b.prefetch}"
+    return (f"{b.bk}x{b.bn}x{b.bm}w{b.num_warps}s{b.num_stages}{'t' * b.transposed}{'p' * b.prefetch}"
+            f"{f'g{b.programs}' if b.programs else ''}")
 
 
 def _default_blocks() -> str:

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_sparse.bench.common import append_jsonl, device_info, markdown_table, peak_memory_bytes
-from jaxrl_sparse.bench.gemm import parse_blocks
+from jaxrl_sparse.bench.common import append_jsonl, device_info, markdown_table, peak_memory_bytes, tree_digest
+from jaxrl_sparse.bench.gemm import block_name, parse_blocks
 
 SETTINGS = {
     # name: (batch, mini_batch, epochs, query, response, dtype, top_k, top_p, TRL s/iter on H100)
@@ -41,7 +41,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     `small_below` (None = the trainer's `ppo.SMALL_LEAF_STACKED_BELOW`); join_qkv, join_gate_up: its
     `join_qkv`, `join_gate_up`; log_grad_norm, fused_adam, steps_per_sync: the trainer's
     --log_grad_norm (off by default, as there), --fused_adam and --steps_per_sync; fused_blocks: the
-    fused kernel's tiles ('' = its default, else `gemm.parse_blocks`' format). resident: keep the
+    fused kernel's tiles ('' = the trainer's, else `gemm.parse_blocks`' format). resident: keep the
     state in the update's carry layout between iterations where the trainer does (layer loop, one
     device; `ppo.update_carry`); False: the update converts it in and out every iteration."""
     from jaxrl_sparse import parallel
@@ -146,12 +146,15 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
            "per_device_batch": B // n_rows, "layer_loop": loop_on, "small_below": small_below,
            "join_qkv": join_qkv, "join_gate_up": join_gate_up, "log_grad_norm": log_grad_norm,
            "fused_adam": ppo.use_fused_adam(key, loop_on, msh.size == 1),
-           "fused_blocks": fused_blocks, "steps_per_sync": steps_per_sync, "resident": resident,
+           "fused_blocks": fused_blocks or block_name(ppo.default_fused_blocks(msh)), "steps_per_sync": steps_per_sync, "resident": resident,
            "peak_mem_gb": max(peak_mem) / 1e9, "peak_mem_gb_per_device": [m / 1e9 for m in peak_mem],
            **device_info()}
+    stacked = carry.to_stacked(state) if resident else state
+    del state
+    # the weights and Adam moments after the last iteration, bit for bit: runs of the same setting
+    # under different XLA_FLAGS compute the same state exactly when these agree
+    row["state_digest"] = tree_digest(stacked)
     if breakdown:
-        stacked = carry.to_stacked(state) if resident else state
-        del state
         row["update_parts"] = update_parts(stacked, ref, last, mcfg, key, Q, score_fn, repeats, carry)
     return row
 
@@ -222,7 +225,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                    "mini-batch step (the trainer's --log_grad_norm)", flag_values=fv)
     _f.DEFINE_enum("fused_adam", "auto", ["auto", "on", "off"], "the trainer's --fused_adam: each weight "
                    "matrix's gradient and Adam step as one kernel (auto: on GPUs where it applies)", flag_values=fv)
-    _f.DEFINE_string("fused_blocks", "", "tiles of the fused kernel, BKxBNxBMwWARPSsSTAGES ('' = default)",
+    _f.DEFINE_string("fused_blocks", "", "tiles of the fused kernel, BKxBNxBMwWARPSsSTAGES[t][p][gPROGRAMS] "
+                     "('' = the trainer's, `ppo.default_fused_blocks`)",
                      flag_values=fv)
     _f.DEFINE_bool("resident", True, "keep the state in the update's carry layout between iterations, as the "
                    "trainer does with the layer loop on one device (--noresident: converted every update)",

@@ -39,8 +39,13 @@ class Blocks(NamedTuple):
     transposed: X and dY go in as [K, M] and [N, M] (a transpose before the kernel), so both dot
     operands are contiguous along the contraction, the layout Hopper's TF32 tensor-core instructions
     read; prefetch: the tile's weights and moments are loaded before the contraction loop, so
-    their memory reads overlap it. The defaults were the fastest on an H100 for gpt2-medium's
-    matrices at M = 320 (`python -m launch.bench gemm --parts=dw_adam`, BENCHMARKS.md)."""
+    their memory reads overlap it; programs: 0 = one program per tile; N > 0 = N programs, each
+    stepping through every N-th tile (the largest divisor of the tile count up to N is used),
+    so the kernel holds fewer of the GPU's block slots while it runs beside the backward pass (a
+    CUDA graph in XLA's CONCURRENT mode, `jaxrl_sparse.xla_options`). Tiles and stages were the
+    fastest alone on an H100 for gpt2-medium's matrices at M = 320 (`python -m launch.bench gemm
+    --parts=dw_adam`); 256 programs (two per SM there) are slower alone but the fastest inside the
+    PPO update (`python -m launch.bench ppo --fused_blocks=...`; BENCHMARKS.md, session 15)."""
     bk: int = 32
     bn: int = 64
     bm: int = 64
@@ -48,6 +53,7 @@ class Blocks(NamedTuple):
     num_stages: int = 3
     transposed: bool = True
     prefetch: bool = False
+    programs: int = 256
 
 
 def corrections(count, hyper: AdamHyper) -> jax.Array:
@@ -64,9 +70,17 @@ def _fit(pref: int, dim: int) -> int:
 
 
 def fit_blocks(K: int, N: int, blocks: Blocks = Blocks()) -> Optional[Blocks]:
-    """Blocks shrunk to divide a [K, N] weight; None when a side has no tile >= 16 (use XLA there)."""
+    """Blocks shrunk to divide a [K, N] weight (and programs to divide its tile count); None when a
+    side has no tile >= 16 (use XLA there)."""
     bk, bn = _fit(blocks.bk, K), _fit(blocks.bn, N)
-    return blocks._replace(bk=bk, bn=bn) if bk and bn else None
+    if not (bk and bn):
+        return None
+    return blocks._replace(bk=bk, bn=bn, programs=_programs((K // bk) * (N // bn), blocks.programs))
+
+
+def _programs(tiles: int, pref: int) -> int:
+    """The largest divisor of `tiles` up to pref (0: one program per tile)."""
+    return max((d for d in range(1, min(pref, tiles) + 1) if tiles % d == 0), default=0)
 
 
 def _adam_tile(g, p, mu, nu, c1, c2, hyper: AdamHyper):
@@ -85,14 +99,36 @@ def dw_adam_reference(x, dy, p, mu, nu, corr, mask=None, *, hyper: AdamHyper):
 
 
 def _kernel(x_ref, dy_ref, c_ref, p_ref, m_ref, v_ref, *rest, M: int, blocks: Blocks, hyper: AdamHyper,
-            masked: bool):
+            masked: bool, n_cols: int = 0, per_program: int = 0):
+    """One tile (i, j) per program; with blocks.programs, program q does tiles q, q + P, q + 2P, ...
+    (per_program of them; n_cols tiles per row of the weight), its refs the whole arrays."""
+    from jax.experimental import pallas as pl
+    mask_ref, (po, mo, vo) = (rest[0], rest[1:]) if masked else (None, rest)
+    if not blocks.programs:
+        tile = (x_ref, dy_ref, c_ref, p_ref, m_ref, v_ref, mask_ref, po, mo, vo)
+        return _tile(*tile, pl.program_id(0), pl.program_id(1), M=M, blocks=blocks, hyper=hyper, whole=False)
+
+    q = pl.program_id(0)  # read outside the loop (the interpreter does not see it inside)
+
+    def step(n, carry):
+        t = q + n * blocks.programs
+        _tile(x_ref, dy_ref, c_ref, p_ref, m_ref, v_ref, mask_ref, po, mo, vo, t // n_cols, t % n_cols,
+              M=M, blocks=blocks, hyper=hyper, whole=True)
+        return carry
+
+    jax.lax.fori_loop(0, per_program, step, 0)
+
+
+def _tile(x_ref, dy_ref, c_ref, p_ref, m_ref, v_ref, mask_ref, po, mo, vo, i, j, *, M: int, blocks: Blocks,
+          hyper: AdamHyper, whole: bool):
+    """Tile (i, j) of the weight: its gradient from X and dY, then its Adam step. whole: the weight,
+    moment and mask refs are the whole arrays (sliced here), else the tile's own blocks."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
-    mask_ref, (po, mo, vo) = (rest[0], rest[1:]) if masked else (None, rest)
     bk, bn, bm = blocks.bk, blocks.bn, blocks.bm
-    i, j = pl.program_id(0), pl.program_id(1)
+    at = (pl.ds(i * bk, bk), pl.ds(j * bn, bn)) if whole else (slice(None), slice(None))
     if blocks.prefetch:
-        old = p_ref[...], m_ref[...], v_ref[...]
+        old = p_ref[at], m_ref[at], v_ref[at]
 
     def body(t, acc):
         if blocks.transposed:  # x [K, M], dy [N, M]
@@ -104,12 +140,12 @@ def _kernel(x_ref, dy_ref, c_ref, p_ref, m_ref, v_ref, *rest, M: int, blocks: Bl
         return acc + plgpu.dot(xs, ds, trans_a=True)
 
     g = jax.lax.fori_loop(0, M // bm, body, jnp.zeros((bk, bn), jnp.float32))
-    if masked:
-        g = g * mask_ref[...].astype(jnp.float32)
+    if mask_ref is not None:
+        g = g * mask_ref[at].astype(jnp.float32)
     if not blocks.prefetch:
-        old = p_ref[...], m_ref[...], v_ref[...]
+        old = p_ref[at], m_ref[at], v_ref[at]
     p, mu, nu = _adam_tile(g, *old, c_ref[0], c_ref[1], hyper)
-    po[...], mo[...], vo[...] = p, mu, nu
+    po[at], mo[at], vo[at] = p, mu, nu
 
 
 @functools.partial(jax.jit, static_argnames=("hyper", "blocks", "interpret"))
@@ -127,6 +163,7 @@ def dw_adam(x, dy, p, mu, nu, corr, mask=None, *, hyper: AdamHyper, blocks: Bloc
         raise ValueError(f"dw_adam: p, mu, nu must be float32, got {p.dtype}, {mu.dtype}, {nu.dtype}")
     if K % blocks.bk or N % blocks.bn:
         raise ValueError(f"dw_adam: blocks {blocks.bk}x{blocks.bn} do not divide the [{K}, {N}] weight")
+    blocks = blocks._replace(programs=_programs((K // blocks.bk) * (N // blocks.bn), blocks.programs))
     if interpret is None:
         return jax.lax.platform_dependent(
             x, dy, p, mu, nu, corr, mask,
@@ -144,15 +181,20 @@ def _pallas(x, dy, p, mu, nu, corr, mask, *, hyper: AdamHyper, blocks: Blocks, i
         x, dy = jnp.pad(x, ((0, pad), (0, 0))), jnp.pad(dy, ((0, pad), (0, 0)))
     if blocks.transposed:
         x, dy = x.T, dy.T
-    tile = pl.BlockSpec((blocks.bk, blocks.bn), lambda i, j: (i, j))
     whole = pl.no_block_spec  # X, dY, corr: the kernel slices what it reads
+    grid = (K // blocks.bk, N // blocks.bn)
+    kern = functools.partial(_kernel, M=M + pad, blocks=blocks, hyper=hyper, masked=mask is not None)
+    if blocks.programs:  # each program walks its share of the tiles through the whole arrays
+        kern = functools.partial(kern, n_cols=grid[1], per_program=grid[0] * grid[1] // blocks.programs)
+        tile, grid = whole, (blocks.programs,)
+    else:
+        tile = pl.BlockSpec((blocks.bk, blocks.bn), lambda i, j: (i, j))
     args = [x, dy, corr.astype(jnp.float32), p, mu, nu]
     if mask is not None:
         args.append(mask.astype(jnp.int8))
-    kern = functools.partial(_kernel, M=M + pad, blocks=blocks, hyper=hyper, masked=mask is not None)
     out = jax.ShapeDtypeStruct((K, N), jnp.float32)
     return pl.pallas_call(
-        kern, out_shape=(out, out, out), grid=(K // blocks.bk, N // blocks.bn),
+        kern, out_shape=(out, out, out), grid=grid,
         in_specs=[whole, whole, whole, tile, tile, tile] + [tile] * (mask is not None),
         out_specs=(tile, tile, tile), input_output_aliases={3: 0, 4: 1, 5: 2},
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),

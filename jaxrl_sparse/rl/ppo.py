@@ -32,6 +32,7 @@ from jaxrl_sparse.models.decoder import (LayerSplit, forward, join_projections, 
 from jaxrl_sparse.models.value_head import init_value_head, value_head_apply
 from jaxrl_sparse.rl import ppo_math as pm
 from jaxrl_sparse.transforms import capture
+from jaxrl_sparse.xla_options import concurrent_kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,9 +234,10 @@ def make_score_fn(mcfg: ModelConfig, Q: int, mesh=None):
             kl = pm.kl_penalty(lp, rlp, "full", logits=logits, ref_logits=rlogits)
         return lp, v, rlp, kl
 
+    opts = concurrent_kernels(mesh)
     if mesh is None:
-        return jax.jit(fn, static_argnums=(4,))
-    return jax.jit(fn, static_argnums=(4,), out_shardings=parallel.batch_sharding(mesh))
+        return jax.jit(fn, static_argnums=(4,), compiler_options=opts)
+    return jax.jit(fn, static_argnums=(4,), out_shardings=parallel.batch_sharding(mesh), compiler_options=opts)
 
 
 def compile_key(pcfg: PPOConfig) -> PPOConfig:
@@ -427,11 +429,19 @@ def update_carry(mcfg: ModelConfig, small_below: int = SMALL_LEAF_STACKED_BELOW,
         view=lambda state: to_stacked(state["trainable"]))
 
 
+def default_fused_blocks(mesh=None) -> fused.Blocks:
+    """The fused kernel's tiles in the update: programs that walk the tiles (`fused.Blocks`' default)
+    when the update's kernels run concurrently (`concurrent_kernels`), one program per tile when
+    XLA_FLAGS makes them run one after another, where walking is slower (the seed's update 0.220 vs
+    0.206 s on an H100; BENCHMARKS.md, session 15)."""
+    return fused.Blocks() if concurrent_kernels(mesh) else fused.Blocks(programs=0)
+
+
 @functools.lru_cache(maxsize=8)
 def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
                    layout: Optional[parallel.Layout] = None, masked: bool = False,
                    layer_loop: Optional[bool] = None, small_below: int = SMALL_LEAF_STACKED_BELOW,
-                   join_qkv: bool = True, join_gate_up: bool = True, fused_blocks: fused.Blocks = fused.Blocks(),
+                   join_qkv: bool = True, join_gate_up: bool = True, fused_blocks: Optional[fused.Blocks] = None,
                    resident: bool = False):
     """jit: (state, batch, key, grad_mask) -> (state, stats). All PPO epochs and mini-batches in one function.
 
@@ -455,10 +465,10 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
     gpt2-medium's weights and Adam moments on an H100, is not paid every update; the caller keeps
     the state in that layout between updates (`train`).
     pcfg.fused_adam: each per-layer f32 weight matrix's gradient and Adam step run as one kernel
-    (`fused_minibatch_step`, tiles `fused_blocks`); 'auto' = on a GPU where it applies: layer loop, one
-    device, f32 weights (or an f32 master), no clipping and no gradient-norm statistic (both need the
-    weight gradients). 'on' off the GPU runs the same program with XLA's gemm and Adam in place of
-    the kernel (tests).
+    (`fused_minibatch_step`, tiles `fused_blocks`, None = `default_fused_blocks(mesh)`); 'auto' = on
+    a GPU where it applies: layer loop, one device, f32 weights (or an f32 master), no clipping and
+    no gradient-norm statistic (both need the weight gradients). 'on' off the GPU runs the same
+    program with XLA's gemm and Adam in place of the kernel (tests).
     """
     layer_loop = update_layer_loop(layer_loop)
     one_device = mesh is None or mesh.size == 1  # joining along a sharded output axis would need gathers
@@ -471,6 +481,7 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
     loss_fn = make_loss_fn(mcfg, pcfg, Q)
     grad_norm = pcfg.needs_weight_grads()  # free with clipping: the clip computes it
     fused_adam = use_fused_adam(pcfg, layer_loop, one_device)
+    fused_blocks = fused_blocks or default_fused_blocks(mesh)
     hyper = adam_hyper(pcfg)
     compute_dtype = jnp.dtype(mcfg.dtype)
 
@@ -511,7 +522,7 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
         return state, mean
 
     if mesh is None or resident:  # resident: one device, the carry layout's own structure
-        return jax.jit(update, donate_argnums=(0,))
+        return jax.jit(update, donate_argnums=(0,), compiler_options=concurrent_kernels(mesh))
     rep_ = parallel.replicated(mesh)
     st = layout.tree
     mask_sh = st["trainable"]["model"] if masked else None
