@@ -146,7 +146,8 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
            "per_device_batch": B // n_rows, "layer_loop": loop_on, "small_below": small_below,
            "join_qkv": join_qkv, "join_gate_up": join_gate_up, "log_grad_norm": log_grad_norm,
            "fused_adam": ppo.use_fused_adam(key, loop_on, msh.size == 1),
-           "fused_blocks": fused_blocks or block_name(ppo.default_fused_blocks(msh)), "steps_per_sync": steps_per_sync, "resident": resident,
+           "fused_blocks": fused_blocks or block_name(ppo.default_fused_blocks(msh)),
+           "steps_per_sync": steps_per_sync, "resident": resident,
            "peak_mem_gb": max(peak_mem) / 1e9, "peak_mem_gb_per_device": [m / 1e9 for m in peak_mem],
            **device_info()}
     stacked = carry.to_stacked(state) if resident else state
