@@ -678,6 +678,14 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
         resp_np = np.where(rmask_np > 0, g_tok, tok.pad_token_id).astype(np.int32)
         t1 = time.perf_counter()
 
+        tokens, mask, resp_f = parallel.put_batch(
+            (np.concatenate([query, resp_np], axis=1), np.concatenate([query_mask, rmask_np], axis=1),
+             rmask_np.astype(np.float32)), mesh)
+        # the score pass needs no reward: dispatched now, the device runs it while the host decodes
+        # the responses and computes their rewards below
+        lp, values, rlp, kl_full = score_fn(view, ref_params, tokens, mask, pkey)
+        del view, pol  # the stacked copy of a resident state's weights
+
         rows_p = range(B)[mine]   # decoded and scored by this process, gathered below
         responses = [tok.decode(resp_np[i][rmask_np[i] > 0], skip_special_tokens=True) for i in rows_p]
         raw = parallel.allgather_rows(np.asarray(
@@ -689,11 +697,7 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
                                             score_clip=pcfg.score_clip or None)
         t2 = time.perf_counter()
 
-        tokens, mask, resp_f, scores = parallel.put_batch(
-            (np.concatenate([query, resp_np], axis=1), np.concatenate([query_mask, rmask_np], axis=1),
-             rmask_np.astype(np.float32), np.asarray(scores)), mesh)
-        lp, values, rlp, kl_full = score_fn(view, ref_params, tokens, mask, pkey)
-        del view, pol  # the stacked copy of a resident state's weights
+        scores = parallel.put_batch(np.asarray(scores), mesh)
         adv, returns, vals, adv_stats = compute_advantages(pkey, scores, lp, rlp, values, resp_f,
                                                            jnp.float32(host["kl_coef"]), kl_full)
         batch = parallel.put_batch({"tokens": tokens, "mask": mask, "resp_mask": resp_f, "logprobs": lp,
@@ -713,6 +717,7 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
                    "env/response_len": float(np.mean(rmask_np.sum(1))),
                    **{k: float(v) for k, v in adv_stats.items()},
                    **{k: float(v) for k, v in stats.items()},
+                   # time/reward: decoding and rewards, with the score pass running on the device meanwhile
                    "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
                    "time/step": t3 - t0}
         if done % pcfg.rank_log_every == 0 or done == pcfg.num_updates:
