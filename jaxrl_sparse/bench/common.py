@@ -5,6 +5,7 @@ call (compilation) is excluded, and the median of `repeats` calls is reported.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -14,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def device_info() -> Dict[str, Any]:
@@ -85,15 +87,11 @@ def tree_digest(tree) -> str:
     as wrapping uint32 (exact, so independent of reduction order), the sums hashed. Equal trees give
     equal digests; a changed bit in any element changes it. Used to check that two compilations of
     the same program (e.g. under different XLA_FLAGS) compute the same state."""
-    import hashlib
-    import numpy as np
-
     def bits(x):
         u = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
         return jnp.sum(u.astype(jnp.uint32), dtype=jnp.uint32)
 
-    leaves = [jnp.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
-    sums = np.asarray(jax.device_get([bits(x) for x in leaves]), dtype=np.uint32)
+    sums = np.asarray(jax.device_get([bits(x) for x in jax.tree_util.tree_leaves(tree)]), dtype=np.uint32)
     return hashlib.sha256(sums.tobytes()).hexdigest()[:16]
 
 

@@ -255,7 +255,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                    "(BMxBNxBKwWARPSsSTAGES; the splits are chosen per product)", flag_values=fv)
     _f.DEFINE_list("dw_adam_blocks", list(DW_ADAM_SWEEP), "block configurations of the fused kernel "
                    "(BKxBNxBMwWARPSsSTAGES, then t: X and dY transposed first, p: weights and moments "
-                   "loaded before the contraction)", flag_values=fv)
+                   "loaded before the contraction, gN: N programs walking the tiles)", flag_values=fv)
     _f.DEFINE_list("skinny_cases", list(SKINNY_CASES), "skinny products: x @ W, x @ W "
                    "with W stored [N, K], dY @ Wᵀ", flag_values=fv)
     _f.DEFINE_string("out", "", "append JSON lines here", flag_values=fv)

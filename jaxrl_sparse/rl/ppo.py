@@ -521,13 +521,14 @@ def make_update_fn(mcfg: ModelConfig, pcfg: PPOConfig, Q: int, mesh=None,
         mean["ppo/minibatches_applied"] = jnp.sum(w)
         return state, mean
 
+    opts = concurrent_kernels(mesh)  # every single-device update, as default_fused_blocks assumes
     if mesh is None or resident:  # resident: one device, the carry layout's own structure
-        return jax.jit(update, donate_argnums=(0,), compiler_options=concurrent_kernels(mesh))
+        return jax.jit(update, donate_argnums=(0,), compiler_options=opts)
     rep_ = parallel.replicated(mesh)
     st = layout.tree
     mask_sh = st["trainable"]["model"] if masked else None
     return jax.jit(update, donate_argnums=(0,), in_shardings=(st, parallel.batch_sharding(mesh), rep_, mask_sh),
-                   out_shardings=(st, rep_))
+                   out_shardings=(st, rep_), compiler_options=opts)
 
 
 def compute_advantages(pcfg: PPOConfig, scores, logprobs, ref_logprobs, values, resp_mask, kl_coef,
