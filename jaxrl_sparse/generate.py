@@ -28,8 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrl_sparse.errors import UserError
 from jaxrl_sparse.models.config import ModelConfig
-from jaxrl_sparse.models.decoder import (ActNoise, forward, init_cache, sharded_decode, split_cache,
-                                         split_layers)
+from jaxrl_sparse.models.decoder import (ActNoise, forward, fused_decode_applies, init_cache, join_projections,
+                                         sharded_decode, split_cache, split_layers)
 from jaxrl_sparse import parallel, sampling
 
 
@@ -159,7 +159,10 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
         done = is_eos[tok]
         cache = out.cache
         if spec.layer_loop:  # per-layer weights and KV buffers for the decode loop (see split_cache)
-            params = dict(params, layers=split_layers(params["layers"]))
+            layers = params["layers"]
+            if isinstance(layers, dict) and fused_decode_applies(cfg, cache["k"].shape[3], noise):
+                layers = join_projections(layers, qkv=True, gate_up=False)  # the fused step's q/k/v gemm
+            params = dict(params, layers=split_layers(layers))
             cache = split_cache(cache)
             cache = dict(cache, k=tuple(shard(c, P("data")) for c in cache["k"]),
                          v=tuple(shard(c, P("data")) for c in cache["v"]))

@@ -97,6 +97,7 @@ def test_generate_with_the_interpreted_kernel_equals_xla(monkeypatch):
     params = decoder.init_params(cfg, jax.random.key(0))
     want = _generate(cfg, params)
     monkeypatch.setattr(decoder, "ATTENTION_IMPL", "pallas")
+    monkeypatch.setattr(decoder, "FUSED_DECODE", "off")  # the Block's path (the fused step: test_fused_decode.py)
     calls = []
 
     def interpreted(*a, **k):

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_sparse.kernels import add_norm as add_norm_kernel
 from jaxrl_sparse.kernels import decode_attention as decode_kernel
 from jaxrl_sparse.kernels import train_attention as train_kernel
 from jaxrl_sparse.models.config import ModelConfig
@@ -265,6 +266,36 @@ def decode_attention_impl(cfg: ModelConfig, T: int, slots: int, layer_cache: boo
     if slots >= CUDNN_MIN_SLOTS and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128:
         return "cudnn"
     return "pallas" if pallas_ok else "xla"
+
+
+# 'auto' (default) | 'off': whether layer-loop decode steps of GPT-2 models run `_fused_decode_forward`
+# where it applies (`fused_decode_applies`); 'off' runs the Block as everywhere else (A/B runs).
+FUSED_DECODE = os.environ.get("JAXRL_FUSED_DECODE", "auto")
+
+
+def _interceptors_active() -> bool:
+    """Whether a Flax method interceptor (`nn.intercept_methods`: LoRA, ES low-rank perturbation,
+    weight-gradient captures) is installed while tracing: the fused decode step bypasses nn.Dense."""
+    try:
+        from flax.linen import module as flax_module
+        return len(flax_module._global_interceptor_stack) > 0
+    except (ImportError, AttributeError, TypeError):  # unknown Flax internals: assume one is
+        return True
+
+
+def fused_decode_applies(cfg: ModelConfig, slots: int, noise=None) -> bool:
+    """Whether a single-token step over per-layer caches of `slots` slots runs `_fused_decode_forward`:
+    GPT-2 blocks (LayerNorm, biases, learned positions), a power-of-two width, the Pallas decode
+    attention (`decode_attention_impl`: CUDA, unsharded), no activation noise and no interceptor.
+    The sampler joins the q/k/v projections when this holds (the step needs them joined)."""
+    if FUSED_DECODE not in ("auto", "off"):
+        from jaxrl_sparse.errors import UserError
+        raise UserError(f"JAXRL_FUSED_DECODE={FUSED_DECODE!r}: choose auto or off (or leave it unset)")
+    if FUSED_DECODE == "off" or noise is not None or not cfg.is_gpt2 or cfg.final_logit_softcap:
+        return False
+    if not add_norm_kernel.supported(cfg.hidden_size) or _interceptors_active():
+        return False
+    return decode_attention_impl(cfg, 1, slots, layer_cache=True) == "pallas"
 
 
 def attention(cfg: ModelConfig, q, keys, vals, mask):
@@ -798,6 +829,54 @@ def _forward_layer_loop(params, cfg: ModelConfig, tokens, attention_mask, positi
     return DecoderOutput(logits, x, new_cache, captured)
 
 
+def _fused_decode_forward(params, cfg: ModelConfig, tokens, attention_mask, positions, cache,
+                          compute_logits: bool) -> DecoderOutput:
+    """A GPT-2 decode step (T = 1, per-layer caches, joined q/k/v) in fewer kernels than the Block.
+
+    Per layer: `add_norm` (the previous projection's bias and residual add with this norm: one
+    kernel where XLA runs three), the q/k/v gemm, `decode_attention_qkv` (q/k/v bias, cache writes
+    and attention: one kernel where XLA runs four), the output gemm, `add_norm`, the up gemm with
+    its bias and GELU, the down gemm (its bias and residual add go to the next `add_norm`). Same
+    arithmetic as the Block up to the order of the norms' sums (tests: `test_fused_decode.py`).
+    """
+    B, T = tokens.shape
+    _, kv_mask, positions, ctx, idx = _prepare(cfg, tokens, attention_mask, positions, cache, None)
+    x, _, _ = _range_setup(params, cfg, tokens, positions, cache, 0, None, None)
+    dt, D, H, hd = _dt(cfg.dtype), cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    norm = functools.partial(add_norm_kernel.add_norm, eps=cfg.norm_eps)
+    attend = functools.partial(decode_kernel.decode_attention_qkv, heads=H, scale=cfg.attn_scale,
+                               attention=functools.partial(_cache_write_attention, cfg))
+
+    def dense(h, p):  # nn.Dense's product (the bias is added by the caller's next kernel)
+        return jnp.dot(h.astype(dt), p["kernel"].astype(dt))
+
+    x = x.reshape(B, D)
+    y = y_bias = None  # the last projection's output and bias, not yet added to the stream
+    ks, vs = [], []
+    for l, p in enumerate(split_layers(params["layers"])):
+        x, h = norm(x, y, y_bias, p["input_norm"]["scale"], p["input_norm"]["bias"], out_dtype=dt)
+        qkv = p["attn"]["qkv_proj"]
+        o, k_l, v_l = attend(dense(h, qkv).reshape(B, 1, -1), qkv.get("bias"), cache["k"][l], cache["v"][l],
+                             ctx["mask"], idx)
+        ks.append(k_l)
+        vs.append(v_l)
+        y, y_bias = dense(o.reshape(B, H * hd), p["attn"]["o_proj"]), p["attn"]["o_proj"]["bias"]
+        x, h = norm(x, y, y_bias, p["pre_mlp_norm"]["scale"], p["pre_mlp_norm"]["bias"], out_dtype=dt)
+        up, down = p["mlp"]["up_proj"], p["mlp"]["down_proj"]
+        y, y_bias = dense(_act(cfg, dense(h, up) + up["bias"].astype(dt)), down), down["bias"]
+    fn = params["final_norm"]
+    _, hidden = norm(x, y, y_bias, fn["scale"], fn["bias"])
+    hidden = hidden.reshape(B, T, D)
+    logits = _finish_logits(cfg, _head_matmul(params, cfg, hidden), None, positions) if compute_logits else None
+    return DecoderOutput(logits, hidden, {"k": tuple(ks), "v": tuple(vs), "mask": kv_mask, "index": idx + T})
+
+
+def _joined_qkv(layers) -> bool:
+    first = layers.big[0] if isinstance(layers, LayerSplit) else (
+        layers[0] if isinstance(layers, (tuple, list)) else layers)
+    return "qkv_proj" in first.get("attn", {})
+
+
 def _forward_range(params, cfg: ModelConfig, tokens, attention_mask, positions, cache, noise,
                    compute_logits: bool, logits_last: Optional[int], remat: bool, unroll: int,
                    capture_layer: Optional[int], start_layer: int, start_hidden) -> DecoderOutput:
@@ -869,6 +948,9 @@ def forward(params, cfg: ModelConfig, tokens, attention_mask=None, positions=Non
     Without these three arguments the compiled program is the plain Decoder's.
     """
     if cache is not None and isinstance(cache["k"], (tuple, list)):  # per-layer buffers: see split_cache
+        if (tokens.shape[1] == 1 and capture_layer is None and not start_layer and start_hidden is None
+                and _joined_qkv(params["layers"]) and fused_decode_applies(cfg, cache["k"][0].shape[2], noise)):
+            return _fused_decode_forward(params, cfg, tokens, attention_mask, positions, cache, compute_logits)
         return _forward_layer_loop(params, cfg, tokens, attention_mask, positions, cache, noise,
                                    compute_logits, logits_last, capture_layer, start_layer, start_hidden)
     if cache is None and isinstance(params["layers"], (tuple, list)):  # per-layer weights, no cache
