@@ -946,6 +946,9 @@ def forward(params, cfg: ModelConfig, tokens, attention_mask=None, positions=Non
       tokens still give the shapes (and, with attention_mask, the positions and masks).
       params['layers'] and a given cache may then hold only blocks [start_layer, L).
     Without these three arguments the compiled program is the plain Decoder's.
+    A single-token step over per-layer caches of a GPT-2 model whose layers hold joined q/k/v
+    (`join_projections`, as the sampler passes them) runs `_fused_decode_forward` where
+    `fused_decode_applies` (same values up to the norms' summation order).
     """
     if cache is not None and isinstance(cache["k"], (tuple, list)):  # per-layer buffers: see split_cache
         if (tokens.shape[1] == 1 and capture_layer is None and not start_layer and start_hidden is None
