@@ -80,9 +80,9 @@ def pallas_add_norm(x, y, b, scale, bias, *, eps: float, out_dtype=None, num_war
     from jax.experimental.pallas import triton as plgpu
     R, D = x.shape
     out_dtype = jnp.dtype(out_dtype or jnp.float32)
-    args = [x] + ([y] if y is not None else []) + ([b] if b is not None and y is not None else []) + [scale, bias]
-    kern = functools.partial(_kernel, eps=float(eps), has_y=y is not None, has_b=b is not None and y is not None,
-                             width=D)
+    b = b if y is not None else None  # a bias without a projection output is ignored (`add_norm`)
+    args = [x] + [a for a in (y, b) if a is not None] + [scale, bias]
+    kern = functools.partial(_kernel, eps=float(eps), has_y=y is not None, has_b=b is not None, width=D)
     whole = pl.no_block_spec
     return pl.pallas_call(
         kern, grid=(R,), in_specs=[whole] * len(args), out_specs=(whole, whole),

@@ -234,10 +234,8 @@ def make_score_fn(mcfg: ModelConfig, Q: int, mesh=None):
             kl = pm.kl_penalty(lp, rlp, "full", logits=logits, ref_logits=rlogits)
         return lp, v, rlp, kl
 
-    opts = concurrent_kernels(mesh)
-    if mesh is None:
-        return jax.jit(fn, static_argnums=(4,), compiler_options=opts)
-    return jax.jit(fn, static_argnums=(4,), out_shardings=parallel.batch_sharding(mesh), compiler_options=opts)
+    shard = {} if mesh is None else {"out_shardings": parallel.batch_sharding(mesh)}
+    return jax.jit(fn, static_argnums=(4,), compiler_options=concurrent_kernels(mesh), **shard)
 
 
 def compile_key(pcfg: PPOConfig) -> PPOConfig:
