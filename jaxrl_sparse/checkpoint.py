@@ -3,21 +3,27 @@
 Layout (Orbax's own, one `CheckpointManager` directory):
 
     ckpt_dir/<step>/state/...        the pytree (Orbax PyTree item: OCDBT + tensorstore)
+    ckpt_dir/<step>/resume/...       optional: what only continuing the run needs (optimizer state)
     ckpt_dir/<step>/metadata/metadata  plain JSON (model config, trainer name, ...)
 
 Orbax writes a step into `ckpt_dir/<step>.orbax-checkpoint-tmp-<n>` and renames it when complete
 (on object stores it writes a commit marker instead), so a half-written step is never listed.
 Every process calls `save`; Orbax coordinates multi-process writes (never gate it on process 0).
 
-Tree convention: a top-level dict whose key `'params'` holds the model tree; trainers add other
-keys (`'opt_state'`, `'step'`, ...). `restore_params` reads only `'params'` (Orbax partial restore),
-which is all the analyzer needs.
+Tree convention: a top-level dict whose key `'params'` holds the model tree; trainers may add other
+keys. `restore_params` reads only `'params'` (Orbax partial restore), which is all the analyzer needs.
+
+The `resume` item (`save(..., resume=tree)`, read back with `restore_resume`) holds the optimizer
+state: Adam's two moments are twice the weights, and a run that checkpoints every 20 of 600
+updates would otherwise store them 31 times. Only the newest `keep_resume` steps keep it (the
+item's folder of older steps is removed once a newer step is committed); their weights stay.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
 import jax
@@ -27,6 +33,7 @@ import orbax.checkpoint as ocp
 from jaxrl_sparse.errors import UserError
 
 _STATE = "state"
+_RESUME = "resume"
 _METADATA = "metadata"
 
 
@@ -48,6 +55,7 @@ def _manager(ckpt_dir: str, *, read_only: bool) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         os.path.abspath(ckpt_dir), options=options,
         item_handlers={_STATE: ocp.PyTreeCheckpointHandler(),
+                       _RESUME: ocp.PyTreeCheckpointHandler(),
                        _METADATA: ocp.JsonCheckpointHandler()})
 
 
@@ -65,24 +73,49 @@ def _jsonable(metadata: Optional[dict]) -> dict:
 
 
 def save(ckpt_dir: str, step: int, tree: Any, *, metadata: Optional[dict] = None,
-         overwrite: bool = False) -> str:
+         overwrite: bool = False, resume: Any = None, keep_resume: int = 1) -> str:
     """Writes `tree` (nested dicts of jax/numpy arrays, any dtype incl. bf16) as step `step`.
 
+    resume: an optional second tree that only continuing the run needs (optimizer state); after
+      this step is committed, steps older than the newest `keep_resume` ones that hold a resume
+      item lose it (0 keeps every one).
     Blocks until the step is committed. Returns the step's directory. `overwrite=True` replaces an
     existing step; otherwise an existing step is a `UserError`.
     """
     step = int(step)
+    items = {_STATE: ocp.args.PyTreeSave(tree), _METADATA: ocp.args.JsonSave(_jsonable(metadata))}
+    if resume is not None:
+        items[_RESUME] = ocp.args.PyTreeSave(resume)
     with _manager(ckpt_dir, read_only=False) as mngr:
         if step in mngr.all_steps():
             if not overwrite:
                 raise UserError(f"checkpoint step {step} already exists in {ckpt_dir}; "
                                 "use another step, a fresh --ckpt_dir, or overwrite=True")
             mngr.delete(step)
-        mngr.save(step, args=ocp.args.Composite(**{
-            _STATE: ocp.args.PyTreeSave(tree),
-            _METADATA: ocp.args.JsonSave(_jsonable(metadata))}), force=True)
+        mngr.save(step, args=ocp.args.Composite(**items), force=True)
         mngr.wait_until_finished()
+        steps = sorted(int(s) for s in mngr.all_steps())
+    if resume is not None and keep_resume > 0 and jax.process_index() == 0:
+        with_resume = [s for s in steps if os.path.isdir(_resume_dir(ckpt_dir, s))]
+        for old in with_resume[:-keep_resume]:
+            if old != step:
+                shutil.rmtree(_resume_dir(ckpt_dir, old), ignore_errors=True)
     return os.path.join(os.path.abspath(ckpt_dir), str(step))
+
+
+def check_keep_resume(n: int, flag: str) -> None:
+    """`keep_resume` values a user may pass: 0 (every step keeps it) or a positive count."""
+    if n < 0:
+        raise UserError(f"{flag} must be >= 0 (0 keeps the optimizer state in every checkpoint), got {n}")
+
+
+def _resume_dir(ckpt_dir: str, step: int) -> str:
+    return os.path.join(os.path.abspath(ckpt_dir), str(step), _RESUME)
+
+
+def has_resume(ckpt_dir: str, step: int) -> bool:
+    """Whether step `step` still holds its resume item (see `save`'s `keep_resume`)."""
+    return os.path.isdir(_resume_dir(ckpt_dir, step))
 
 
 def all_steps(ckpt_dir: str) -> List[int]:
@@ -193,13 +226,29 @@ def restore(ckpt_dir: str, step: Optional[int] = None, target: Any = None, *,
         args = ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True)
+    return _restore_item(ckpt_dir, step, _STATE, args)
+
+
+def _restore_item(ckpt_dir: str, step: int, item: str, args) -> Any:
     try:
         with _manager(ckpt_dir, read_only=True) as mngr:
-            return mngr.restore(step, args=ocp.args.Composite(**{_STATE: args}))[_STATE]
+            return mngr.restore(step, args=ocp.args.Composite(**{item: args}))[item]
     except UserError:
         raise
     except Exception as e:
         raise _corrupt(ckpt_dir, step, e) from e
+
+
+def restore_resume(ckpt_dir: str, step: int, target: Any) -> Any:
+    """The resume item of `step` (see `save`), matched to `target` (an abstract or array tree)."""
+    step = _resolve_step(ckpt_dir, step)
+    if not has_resume(ckpt_dir, step):
+        raise UserError(f"checkpoint step {step} in {ckpt_dir!r} holds no optimizer state (only the newest "
+                        "checkpoints keep it, see --keep_opt_state), so the run cannot continue from it; "
+                        "resume from the latest step or start in a fresh workdir")
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    return _restore_item(ckpt_dir, step, _RESUME, args)
 
 
 def restore_params(ckpt_dir: str, step: Optional[int] = None, target: Any = None, *,

@@ -66,6 +66,30 @@ def test_round_trip_metadata_and_params_only(tmp_path):
                                   t0["params"]["layers"]["attn"]["q_proj"]["kernel"])
 
 
+def test_resume_item_kept_only_in_the_newest_steps(tmp_path):
+    """The optimizer state (`resume=`) lives in its own item; older steps lose it, keep their weights."""
+    d = str(tmp_path / "ckpt")
+    for step in range(4):
+        checkpoint.save(d, step, {"params": {"w": np.full(3, step, np.float32)}},
+                        resume={"mu": np.full(3, 10 + step, np.float32)}, keep_resume=2)
+    assert checkpoint.all_steps(d) == [0, 1, 2, 3]
+    assert [checkpoint.has_resume(d, s) for s in range(4)] == [False, False, True, True]
+    target = {"mu": jnp.zeros(3, jnp.float32)}
+    np.testing.assert_array_equal(np.asarray(checkpoint.restore_resume(d, 2, target)["mu"]), [12, 12, 12])
+    with pytest.raises(UserError, match="holds no optimizer state"):
+        checkpoint.restore_resume(d, 1, target)
+    np.testing.assert_array_equal(checkpoint.restore_params(d, 0)["w"], [0, 0, 0])   # weights stay
+    assert set(checkpoint.tree_metadata(d, 3)) == {"params"}   # the state item holds no moments
+    # 0 keeps every one; overwriting the newest step does not strip it
+    e = str(tmp_path / "all")
+    for step in range(3):
+        checkpoint.save(e, step, {"params": {"w": np.zeros(2)}}, resume={"mu": np.zeros(2)}, keep_resume=0)
+    checkpoint.save(e, 2, {"params": {"w": np.ones(2)}}, resume={"mu": np.ones(2)}, overwrite=True, keep_resume=0)
+    assert [checkpoint.has_resume(e, s) for s in range(3)] == [True, True, True]
+    with pytest.raises(UserError, match="--keep_opt_state must be >= 0"):
+        checkpoint.check_keep_resume(-1, "--keep_opt_state")
+
+
 def test_existing_step_and_overwrite(tmp_path):
     d = str(tmp_path / "ckpt")
     checkpoint.save(d, 5, _tree(0))

@@ -200,11 +200,13 @@ def _strip(rows):
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
 
+_RUN = dict(reward_model="vader", reward_text="review_response", n_prompts=32, query_len=10,
+            output_min_length=3, output_max_length=5, batch_size=4, mini_batch_size=2, learning_rate=1e-3,
+            save_ckpt_every=1, export_final=False)
+
+
 def test_resume_equals_uninterrupted(tiny_lm_dir, tmp_path):
-    cfg = dict(model=tiny_lm_dir, reward_model="vader", reward_text="review_response", n_prompts=32,
-               query_len=10, output_min_length=3, output_max_length=5, batch_size=4, mini_batch_size=2,
-               ppo_epochs=2, learning_rate=1e-3, num_updates=3, save_ckpt_every=1, rank_log_every=2,
-               export_final=False)
+    cfg = dict(model=tiny_lm_dir, ppo_epochs=2, num_updates=3, rank_log_every=2, **_RUN)
     full = ppo.train(ppo.PPOConfig(workdir=str(tmp_path / "a"), **cfg), progress=False)
     part = ppo.train(ppo.PPOConfig(workdir=str(tmp_path / "b"), **cfg), progress=False, stop_after=1)
     assert len(part["metrics"]) == 1
@@ -218,6 +220,10 @@ def test_resume_equals_uninterrupted(tiny_lm_dir, tmp_path):
     assert "rank/global/density" in a[1]
     from jaxrl_sparse import checkpoint
     assert checkpoint.all_steps(full["ckpt_dir"]) == [0, 1, 2, 3]
+    # only the newest step keeps the optimizer state; every step keeps the policy weights, once
+    assert [checkpoint.has_resume(full["ckpt_dir"], s) for s in range(4)] == [False, False, False, True]
+    assert set(checkpoint.tree_metadata(full["ckpt_dir"], 1)) == {"params"}
+    assert [checkpoint.has_resume(resumed["ckpt_dir"], s) for s in range(4)] == [False, False, False, True]
     # the accelerators' update (layer loop on one device) keeps the state in its carry layout between
     # updates: killed and resumed that way, the run matches the stacked one, checkpoints included
     ppo.train(ppo.PPOConfig(workdir=str(tmp_path / "c"), **cfg), progress=False, stop_after=1, layer_loop=True)
@@ -251,6 +257,34 @@ def test_resume_equals_uninterrupted(tiny_lm_dir, tmp_path):
     assert dens > 0
 
 
+def test_resume_with_bf16_weights_and_fp32_master(tiny_lm_dir, tmp_path):
+    """bf16 storage with an fp32 master copy: checkpoints hold the bf16 policy as `params` and the
+    master in the resume item; an interrupted + resumed run ends with the same weights."""
+    from jaxrl_sparse import checkpoint
+    cfg = dict(model=tiny_lm_dir, ppo_epochs=1, num_updates=2, rank_log_every=2, param_dtype="bfloat16",
+               master_weights="fp32", **_RUN)
+    full = ppo.train(ppo.PPOConfig(workdir=str(tmp_path / "a"), **cfg), progress=False)
+    ppo.train(ppo.PPOConfig(workdir=str(tmp_path / "b"), **cfg), progress=False, stop_after=1)
+    resumed = ppo.train(ppo.PPOConfig(workdir=str(tmp_path / "b"), **cfg), progress=False)
+    a, b = _strip(full["metrics"]), _strip(resumed["metrics"])
+    assert [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (ra["step"], k)
+    ck = full["ckpt_dir"]
+    kernel = "layers/attn/q_proj/kernel"
+    assert checkpoint.restore_params(ck, 2, paths=[kernel])["layers"]["attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+    leaf = checkpoint.restore_params(ck, 2)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=one), leaf)
+    got = checkpoint.restore_resume(ck, 2, {"master": master})["master"]
+    moved = jax.tree.map(lambda m, p: float(jnp.max(jnp.abs(m - p.astype(jnp.float32)))), got, leaf)
+    assert 0 < max(jax.tree_util.tree_leaves(moved)) < 1e-2   # fp32 master: within bf16 rounding of params
+    for x, y in zip(jax.tree_util.tree_leaves(leaf), jax.tree_util.tree_leaves(
+            checkpoint.restore_params(resumed["ckpt_dir"], 2))):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
 @pytest.mark.slow
 def test_ppo_tiny_preset_runs_end_to_end(tmp_path):
     """`python -m launch.ppo --flagfile=configs/ppo_tiny.flags` on the real default model."""
@@ -270,6 +304,12 @@ def test_ppo_tiny_preset_runs_end_to_end(tmp_path):
     assert all(np.isfinite(x["env/reward_mean"]) for x in rows)
     assert (work / "ppo-smollm2-135m-instruct-sentiment-final" / "config.json").exists()
     assert (work / "ppo_curves.png").exists()
+    from jaxrl_sparse import checkpoint
+    ck = str(work / "checkpoints")
+    assert checkpoint.all_steps(ck) == [0, 2, 3]
+    assert [checkpoint.has_resume(ck, s) for s in (0, 2, 3)] == [False, False, True]   # --keep_opt_state=1
+    import shutil
+    shutil.rmtree(work)   # ~2.5 GB of real-model checkpoints and export: freed now, not at session end
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(steps_per_sync=0), "--steps_per_sync=0: give a whole number >= 1"),

@@ -47,22 +47,22 @@ def call_time_us(fn: Callable, *args, reps: int = 20, carry: Tuple[int, ...] = (
         return out
 
     jax.block_until_ready(call())
-    trace = tempfile.mkdtemp(prefix="jaxrl_gemm_")
-    t = time.perf_counter()
-    try:
-        with jax.profiler.trace(trace):
+    with tempfile.TemporaryDirectory(prefix="jaxrl_gemm_") as trace:  # ~40 MB a trace: never left behind
+        t = time.perf_counter()
+        try:
+            with jax.profiler.trace(trace):
+                for _ in range(reps):
+                    out = call()
+                jax.block_until_ready(out)
+        except RuntimeError:  # a trace is already running (`launch.bench profile gemm`): wall time only
+            t = time.perf_counter()
             for _ in range(reps):
                 out = call()
             jax.block_until_ready(out)
-    except RuntimeError:  # a trace is already running (`launch.bench profile gemm`): wall time only
-        t = time.perf_counter()
-        for _ in range(reps):
-            out = call()
-        jax.block_until_ready(out)
-        return 1e6 * (time.perf_counter() - t) / reps, "wall"
-    wall = time.perf_counter() - t
-    path = latest_trace(trace)
-    lines = aggregate(path, device_prefix="/device:") if path else {}
+            return 1e6 * (time.perf_counter() - t) / reps, "wall"
+        wall = time.perf_counter() - t
+        path = latest_trace(trace)
+        lines = aggregate(path, device_prefix="/device:") if path else {}
     busy = sum(v["busy_ms"] for k, v in lines.items() if "Compute" in k)  # the compute stream(s)
     if busy > 0:
         return 1e3 * busy / reps, "kernel"

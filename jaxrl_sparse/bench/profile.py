@@ -25,6 +25,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from typing import Any, Dict, List, Optional
@@ -138,19 +139,25 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
                         "(e.g. `profile generate --model=smollm2-135m --no_hf`)")
     import jax
     from jaxrl_sparse.bench import dispatch
-    trace_dir = opts["--profile_dir"] or tempfile.mkdtemp(prefix="jaxrl_profile_")
-    if opts["--profile_warmup"] not in (None, "0", "false"):
+    keep = opts["--profile_dir"]
+    trace_dir = keep or tempfile.mkdtemp(prefix="jaxrl_profile_")
+    try:
+        if opts["--profile_warmup"] not in (None, "0", "false"):
+            t = time.perf_counter()
+            dispatch(rest)   # compiles and autotunes outside the trace
+            print(f"\nwarm-up run of `{' '.join(rest)}` took {time.perf_counter() - t:.1f} s (not traced)")
         t = time.perf_counter()
-        dispatch(rest)   # compiles and autotunes outside the trace
-        print(f"\nwarm-up run of `{' '.join(rest)}` took {time.perf_counter() - t:.1f} s (not traced)")
-    t = time.perf_counter()
-    with jax.profiler.trace(trace_dir):
-        dispatch(rest)
-    print(f"\nprofiled `{' '.join(rest)}` in {time.perf_counter() - t:.1f} s; trace in {trace_dir}")
-    path = latest_trace(trace_dir)
-    if path is None:
-        raise UserError(f"the profiler wrote no trace under {trace_dir}; check that the profiler works here")
-    tables = aggregate(path)
+        with jax.profiler.trace(trace_dir):
+            dispatch(rest)
+        where = f"trace in {trace_dir}" if keep else "trace not kept (--profile_dir=DIR keeps it)"
+        print(f"\nprofiled `{' '.join(rest)}` in {time.perf_counter() - t:.1f} s; {where}")
+        path = latest_trace(trace_dir)
+        if path is None:
+            raise UserError(f"the profiler wrote no trace under {trace_dir}; check that the profiler works here")
+        tables = aggregate(path)
+    finally:
+        if not keep:  # tens of MB a trace: a temporary one is never left behind
+            shutil.rmtree(trace_dir, ignore_errors=True)
     if opts["--profile_hlo"]:
         tables = annotate(tables, hlo_ops(opts["--profile_hlo"]))
     print_tables(tables, int(opts["--profile_top"]))

@@ -171,17 +171,18 @@ def read_gguf_cached(path: str, progress: bool = True) -> Tuple[Dict[str, Any], 
     """`read_gguf`, with the dequantized fp32 tensors cached as safetensors next to the tokenizer cache.
 
     Dequantizing the default model takes 5-30 s on a small CPU; the cached copy loads in about a
-    second. Keyed like the tokenizer cache (path, size, mtime); a broken entry is rebuilt, and a
-    read-only cache only costs speed.
+    second. Keyed like the tokenizer cache (the file's content; `tokenizer.store_cache_entry` keeps
+    the entries within `$JAXRL_SPARSE_CACHE_GB`, default 4); a broken entry is rebuilt, and a read-only or full cache
+    only costs speed.
     """
     import json
     import shutil
-    import tempfile
 
     from safetensors.numpy import load_file, save_file
 
-    from jaxrl_sparse.models.tokenizer import _gguf_cache_key, cache_dir
-    entry = os.path.join(cache_dir(), "gguf_weights", _gguf_cache_key(path))
+    from jaxrl_sparse.models.tokenizer import _gguf_cache_key, cached_entry, store_cache_entry
+    key = _gguf_cache_key(path)
+    entry = cached_entry("gguf_weights", key)
     cfg_file, st_file = os.path.join(entry, "config.json"), os.path.join(entry, "model.safetensors")
     if os.path.isfile(cfg_file) and os.path.isfile(st_file):
         try:
@@ -190,16 +191,11 @@ def read_gguf_cached(path: str, progress: bool = True) -> Tuple[Dict[str, Any], 
         except Exception:  # noqa: BLE001 - a broken cache entry: rebuild it
             shutil.rmtree(entry, ignore_errors=True)
     hf, state = read_gguf(path, progress)
-    try:
-        os.makedirs(os.path.dirname(entry), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(entry))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
+
+    def fill(folder):
+        with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(hf, f)
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
-        if os.path.exists(entry):
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, entry)
-    except OSError:
-        pass
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, os.path.join(folder, "model.safetensors"))
+
+    store_cache_entry("gguf_weights", key, fill)
     return hf, state

@@ -88,6 +88,7 @@ class ESConfig:
     greedy: bool = True               # greedy decoding (noise is the only randomness); False = sample
     temperature: float = 1.0          # sampling temperature when --nogreedy
     save_every: int = 10              # Orbax checkpoint every N iterations (and at the end)
+    keep_opt_state: int = 1           # newest checkpoints keeping optimizer moments / NP accumulators (resuming); 0 = all
     export_final: bool = True         # write final_model/ as a HF folder
     mesh: str = ""                    # device mesh 'data:N,fsdp:M' ('' = all devices on data); population rows split over data x fsdp, master weights over fsdp
 
@@ -116,6 +117,7 @@ class ESConfig:
                      "np_max_tok_chunk", "max_new_tokens", "save_every", "eval_interval"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        checkpoint.check_keep_resume(self.keep_opt_state, "--keep_opt_state")
         if self.train_pool and self.train_pool < self.n_train:
             raise UserError(f"--train_pool={self.train_pool} is smaller than --n_train={self.n_train}; "
                             f"use 0 (the fixed set) or at least {self.n_train}")
@@ -634,7 +636,9 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
     ev_path = os.path.join(out_dir, "eval_history.csv")
     start = checkpoint.latest_step(ckpt_dir) or 0
     if start:
-        state = checkpoint.restore(ckpt_dir, start, state)
+        resume = {k: v for k, v in state.items() if k != "params"}
+        state = {"params": checkpoint.restore_params(ckpt_dir, start, state["params"]),
+                 **(checkpoint.restore_resume(ckpt_dir, start, resume) if resume else {})}
     if is_writer():
         _rewrite_csv(rh_path, _REWARD_COLS, lambda r: int(r["iteration"]) < start)
         _rewrite_csv(ev_path, ["iteration", "eval_accuracy"], lambda r: int(r["iteration"]) < start
@@ -643,7 +647,9 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
             "model_config": dataclasses.asdict(mcfg)}
 
     def save(step):
-        checkpoint.save(ckpt_dir, step, state, metadata={**meta, "step": step}, overwrite=True)
+        resume = {k: v for k, v in state.items() if k != "params"}   # optimizer moments, NP accumulators
+        checkpoint.save(ckpt_dir, step, {"params": state["params"]}, resume=resume or None,
+                        keep_resume=ecfg.keep_opt_state, metadata={**meta, "step": step}, overwrite=True)
 
     def evaluate(it, write_completions=False):
         out = generate(state["params"], mcfg, ev_tok, ev_mask, jax.random.fold_in(k_eval, it),

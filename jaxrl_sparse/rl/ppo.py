@@ -91,6 +91,7 @@ class PPOConfig:
     # run
     num_updates: int = 600
     save_ckpt_every: int = 20
+    keep_opt_state: int = 1                # newest checkpoints keeping the optimizer state (resuming); 0 = all
     rank_log_every: int = 20
     tau: float = 1e-6
     track_regex: str = ""                  # analysis subset (default attention + MLP + lm_head)
@@ -132,6 +133,7 @@ class PPOConfig:
         for name in ("num_updates", "save_ckpt_every", "rank_log_every", "ppo_epochs", "query_len"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
+        checkpoint.check_keep_resume(self.keep_opt_state, "--keep_opt_state")
         return self
 
     def needs_weight_grads(self) -> bool:
@@ -628,16 +630,24 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
         return carry.view(state) if in_carry() else state["trainable"]
 
     def save(step):
+        # 'params' (what the analyzer and exports read) is the trained model itself unless an fp32
+        # master copy exists; only that copy, the value head and Adam's moments go to the resume item
         st = stacked()
-        tree = {"params": policy_params(st["trainable"], pcfg), "trainable": st["trainable"],
-                "opt_state": st["opt_state"]}
-        checkpoint.save(ckpt_dir, step, tree, metadata={**meta, "host": host, "step": step},
+        resume = {"value_head": st["trainable"]["value_head"], "opt_state": st["opt_state"]}
+        if master:
+            resume["master"] = st["trainable"]["model"]
+        checkpoint.save(ckpt_dir, step, {"params": policy_params(st["trainable"], pcfg)}, resume=resume,
+                        keep_resume=pcfg.keep_opt_state, metadata={**meta, "host": host, "step": step},
                         overwrite=True)
 
     if last is not None:
-        restored = checkpoint.restore(ckpt_dir, last, {"trainable": state["trainable"],
-                                                       "opt_state": state["opt_state"]})
-        state = {"trainable": restored["trainable"], "opt_state": restored["opt_state"]}
+        target = {"value_head": state["trainable"]["value_head"], "opt_state": state["opt_state"]}
+        if master:
+            target["master"] = state["trainable"]["model"]
+        restored = checkpoint.restore_resume(ckpt_dir, last, target)
+        model = restored["master"] if master else checkpoint.restore_params(ckpt_dir, last, state["trainable"]["model"])
+        state = {"trainable": {"model": model, "value_head": restored["value_head"]},
+                 "opt_state": restored["opt_state"]}
         host = checkpoint.read_metadata(ckpt_dir, last)["host"]
         start = last
         log.truncate_after(last)
