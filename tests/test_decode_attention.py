@@ -1,5 +1,4 @@
 """Decode attention + KV-cache write as one kernel (`kernels.decode_attention`) against the XLA path."""
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,6 @@
 """ES: WP / low-rank WP / NP update formulas, noise regeneration, site selection, end-to-end run."""
 import csv
 import dataclasses
-import math
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

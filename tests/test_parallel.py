@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 
 from jaxrl_sparse import parallel

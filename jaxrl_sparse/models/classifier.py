@@ -28,7 +28,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Tuple
 
 import flax.linen as nn
 import jax

@@ -6,7 +6,7 @@ inverse, used by export. Both raise UserError naming the first missing tensor.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
