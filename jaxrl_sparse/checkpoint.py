@@ -245,7 +245,17 @@ def restore_resume(ckpt_dir: str, step: int, target: Any) -> Any:
     if not has_resume(ckpt_dir, step):
         raise UserError(f"checkpoint step {step} in {ckpt_dir!r} holds no optimizer state (only the newest "
                         "checkpoints keep it, see --keep_opt_state), so the run cannot continue from it; "
-                        "resume from the latest step or start in a fresh workdir")
+                        "resume from the latest step or start in a fresh output folder (--workdir, ES: --visualization_dir)")
+    try:
+        with _manager(ckpt_dir, read_only=True) as mngr:
+            meta = mngr.item_metadata(step)[_RESUME]
+        saved = set(meta.tree if hasattr(meta, "tree") else meta)
+    except Exception as e:  # corrupt or partial resume folder
+        raise _corrupt(ckpt_dir, step, e) from e
+    if set(target) - saved:  # Orbax's partial restore would hand back the target's own (fresh) arrays
+        raise UserError(f"checkpoint step {step} in {ckpt_dir!r} holds optimizer state {sorted(saved)}, the run "
+                        f"needs {sorted(target)}; resume with the flags the run started with (e.g. --optimizer) "
+                        "or start in a fresh output folder (--workdir, ES: --visualization_dir)")
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
     return _restore_item(ckpt_dir, step, _RESUME, args)

@@ -78,6 +78,8 @@ def test_resume_item_kept_only_in_the_newest_steps(tmp_path):
     np.testing.assert_array_equal(np.asarray(checkpoint.restore_resume(d, 2, target)["mu"]), [12, 12, 12])
     with pytest.raises(UserError, match="holds no optimizer state"):
         checkpoint.restore_resume(d, 1, target)
+    with pytest.raises(UserError, match=r"holds optimizer state \['mu'\], the run needs \['mu', 'nu'\]"):
+        checkpoint.restore_resume(d, 3, {**target, "nu": jnp.zeros(3)})   # not fresh moments, silently
     np.testing.assert_array_equal(checkpoint.restore_params(d, 0)["w"], [0, 0, 0])   # weights stay
     assert set(checkpoint.tree_metadata(d, 3)) == {"params"}   # the state item holds no moments
     # 0 keeps every one; overwriting the newest step does not strip it
