@@ -208,3 +208,45 @@ def test_bf16_safetensors_read_exactly(tmp_path):
     got = np.asarray(lm.params["layers"]["mlp"]["down_proj"]["kernel"][2])
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, w.T)
+
+
+# ----------------------------------------------------------------------------- the GGUF caches
+
+def test_cache_entries_are_keyed_by_content_atomic_and_bounded(tmp_path, monkeypatch):
+    """Copies of one file share an entry, an edited file gets its own; a failed write leaves nothing;
+    least recently used entries beyond $JAXRL_SPARSE_CACHE_GB go, the newest stays."""
+    from jaxrl_sparse.models import tokenizer as tk
+    monkeypatch.setenv("JAXRL_SPARSE_CACHE", str(tmp_path / "cache"))
+    a, b, c = (tmp_path / n for n in ("a.gguf", "b.gguf", "c.gguf"))
+    a.write_bytes(b"x" * 1000)
+    b.write_bytes(b"x" * 1000)
+    c.write_bytes(b"x" * 999 + b"y")
+    assert tk._gguf_cache_key(str(a)) == tk._gguf_cache_key(str(b)) != tk._gguf_cache_key(str(c))
+
+    def fill(n):
+        def write(folder):
+            with open(os.path.join(folder, "w"), "wb") as f:
+                f.write(b"0" * n)
+        return write
+
+    def broken(folder):
+        with open(os.path.join(folder, "w"), "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("No space left on device")   # e.g. safetensors' own error type
+
+    kind = tmp_path / "cache" / "gguf_weights"
+    tk.store_cache_entry("gguf_weights", "k0", broken)
+    assert os.listdir(kind) == []                          # no entry, no partial folder
+    monkeypatch.setenv("JAXRL_SPARSE_CACHE_GB", str(2500 / (1 << 30)))   # a 2500-byte budget
+    now = time.time()
+    for i in range(3):
+        tk.store_cache_entry("gguf_weights", f"k{i + 1}", fill(1000))
+        os.utime(kind / f"k{i + 1}", (now - 30 + 10 * i, now - 30 + 10 * i))  # k1 oldest
+    assert sorted(os.listdir(kind)) == ["k2", "k3"]
+    tk.cached_entry("gguf_weights", "k2")                   # a read: k2 is now more recent than k3
+    time.sleep(0.01)
+    tk.store_cache_entry("gguf_weights", "k5", fill(1000))
+    assert sorted(os.listdir(kind)) == ["k2", "k5"]
+    time.sleep(0.01)
+    tk.store_cache_entry("gguf_weights", "k4", fill(3000))  # over budget alone: kept, as the newest
+    assert sorted(os.listdir(kind)) == ["k4"]
