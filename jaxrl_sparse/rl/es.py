@@ -635,8 +635,11 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
     rh_path = os.path.join(out_dir, "reward_history.csv")
     ev_path = os.path.join(out_dir, "eval_history.csv")
     start = checkpoint.latest_step(ckpt_dir) or 0
+    def resume_item():  # optimizer moments, NP accumulators: only the newest checkpoints keep them
+        return {k: v for k, v in state.items() if k != "params"} or None
+
     if start:
-        resume = {k: v for k, v in state.items() if k != "params"}
+        resume = resume_item()
         state = {"params": checkpoint.restore_params(ckpt_dir, start, state["params"]),
                  **(checkpoint.restore_resume(ckpt_dir, start, resume) if resume else {})}
     if is_writer():
@@ -647,8 +650,7 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
             "model_config": dataclasses.asdict(mcfg)}
 
     def save(step):
-        resume = {k: v for k, v in state.items() if k != "params"}   # optimizer moments, NP accumulators
-        checkpoint.save(ckpt_dir, step, {"params": state["params"]}, resume=resume or None,
+        checkpoint.save(ckpt_dir, step, {"params": state["params"]}, resume=resume_item(),
                         keep_resume=ecfg.keep_opt_state, metadata={**meta, "step": step}, overwrite=True)
 
     def evaluate(it, write_completions=False):

@@ -629,22 +629,20 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
     def trainable_now():  # {'model', 'value_head'}, stacked: what the rollout, scoring and statistics read
         return carry.view(state) if in_carry() else state["trainable"]
 
-    def save(step):
+    def resume_item(st):
         # 'params' (what the analyzer and exports read) is the trained model itself unless an fp32
         # master copy exists; only that copy, the value head and Adam's moments go to the resume item
+        out = {"value_head": st["trainable"]["value_head"], "opt_state": st["opt_state"]}
+        return {**out, "master": st["trainable"]["model"]} if master else out
+
+    def save(step):
         st = stacked()
-        resume = {"value_head": st["trainable"]["value_head"], "opt_state": st["opt_state"]}
-        if master:
-            resume["master"] = st["trainable"]["model"]
-        checkpoint.save(ckpt_dir, step, {"params": policy_params(st["trainable"], pcfg)}, resume=resume,
+        checkpoint.save(ckpt_dir, step, {"params": policy_params(st["trainable"], pcfg)}, resume=resume_item(st),
                         keep_resume=pcfg.keep_opt_state, metadata={**meta, "host": host, "step": step},
                         overwrite=True)
 
     if last is not None:
-        target = {"value_head": state["trainable"]["value_head"], "opt_state": state["opt_state"]}
-        if master:
-            target["master"] = state["trainable"]["model"]
-        restored = checkpoint.restore_resume(ckpt_dir, last, target)
+        restored = checkpoint.restore_resume(ckpt_dir, last, resume_item(state))
         model = restored["master"] if master else checkpoint.restore_params(ckpt_dir, last, state["trainable"]["model"])
         state = {"trainable": {"model": model, "value_head": restored["value_head"]},
                  "opt_state": restored["opt_state"]}
