@@ -109,6 +109,35 @@ def check_keep_resume(n: int, flag: str) -> None:
         raise UserError(f"{flag} must be >= 0 (0 keeps the optimizer state in every checkpoint), got {n}")
 
 
+def tree_nbytes(tree: Any) -> int:
+    """Bytes of a pytree's arrays (what a checkpoint of it takes, before any compression)."""
+    return int(sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+def check_disk(ckpt_dir: str, n_steps: int, tree: Any, resume: Any = None, keep_resume: int = 1,
+               extra_bytes: int = 0) -> Optional[str]:
+    """A one-line warning (also printed to stderr) when `n_steps` more checkpoints of `tree` (plus
+    `resume`, kept in the newest `keep_resume`, 0 = all) and `extra_bytes` (e.g. a final export)
+    would not fit on the filesystem holding `ckpt_dir`; None when they fit. A warning, not an
+    error: the estimate ignores compression, and space may be freed while the run goes on."""
+    if n_steps <= 0 or jax.process_index() != 0:
+        return None
+    kept = n_steps if keep_resume == 0 else min(keep_resume, n_steps)
+    need = n_steps * tree_nbytes(tree) + (kept * tree_nbytes(resume) if resume is not None else 0) + extra_bytes
+    path = os.path.abspath(ckpt_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    free = shutil.disk_usage(path).free
+    if need <= free:
+        return None
+    msg = (f"warning: the run's {n_steps} checkpoints need about {need / 2**30:.1f} GB and {path} has "
+           f"{free / 2**30:.1f} GB free; raise --save_ckpt_every (ES: --save_every), keep the optimizer state "
+           "in fewer checkpoints (--keep_opt_state) or free some space")
+    import sys
+    print(msg, file=sys.stderr)
+    return msg
+
+
 def _resume_dir(ckpt_dir: str, step: int) -> str:
     return os.path.join(os.path.abspath(ckpt_dir), str(step), _RESUME)
 

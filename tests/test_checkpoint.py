@@ -92,6 +92,25 @@ def test_resume_item_kept_only_in_the_newest_steps(tmp_path):
         checkpoint.check_keep_resume(-1, "--keep_opt_state")
 
 
+def test_check_disk_warns_before_a_run_that_would_not_fit(tmp_path, monkeypatch, capsys):
+    """n checkpoints of the weights, the optimizer state in the newest `keep` only, plus an export."""
+    import collections
+    weights, moments = {"w": np.zeros((256, 256), np.float32)}, {"mu": np.zeros((2, 256, 256), np.float32)}
+    w, m = 256 * 256 * 4, 2 * 256 * 256 * 4
+    assert checkpoint.tree_nbytes(weights) == w and checkpoint.tree_nbytes(jax.eval_shape(lambda: moments)) == m
+    usage = collections.namedtuple("usage", "total used free")
+    need = 10 * w + 2 * m + w                         # 10 steps, moments kept in 2, an export
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(0, 0, need))
+    d = str(tmp_path / "not" / "yet" / "made")        # checked on the nearest existing folder
+    assert checkpoint.check_disk(d, 10, weights, moments, 2, w) is None
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(0, 0, need - 1))
+    msg = checkpoint.check_disk(d, 10, weights, moments, 2, w)
+    assert msg.startswith("warning: the run's 10 checkpoints need about") and "--keep_opt_state" in msg
+    assert msg in capsys.readouterr().err and "\n" not in msg
+    assert checkpoint.check_disk(d, 10, weights, moments, 0, w) is not None   # 0 = moments in all 10
+    assert checkpoint.check_disk(d, 0, weights, moments, 2, w) is None         # nothing left to write
+
+
 def test_existing_step_and_overwrite(tmp_path):
     d = str(tmp_path / "ckpt")
     checkpoint.save(d, 5, _tree(0))

@@ -669,6 +669,9 @@ def train(ecfg: ESConfig, *, progress: bool = True, stop_after: Optional[int] = 
             gc.collect()
             jax.clear_caches()
 
+    saves = [d for d in range(start + 1, ecfg.n_iters + 1) if d % ecfg.save_every == 0 or d == ecfg.n_iters]
+    checkpoint.check_disk(ckpt_dir, len(saves), state["params"], resume_item(), ecfg.keep_opt_state,
+                          checkpoint.tree_nbytes(state["params"]) if ecfg.export_final else 0)
     if start == 0:
         if ecfg.skip_eval:
             evaluate(0, write_completions=True)  # completions only

@@ -641,6 +641,12 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
                         keep_resume=pcfg.keep_opt_state, metadata={**meta, "host": host, "step": step},
                         overwrite=True)
 
+    saves = [s for s in range(1 if last is None else last + 1, pcfg.num_updates + 1)
+             if s % pcfg.save_ckpt_every == 0 or s == pcfg.num_updates]
+    checkpoint.check_disk(ckpt_dir, len(saves) + (last is None),
+                          jax.eval_shape(lambda t: policy_params(t, pcfg), state["trainable"]),
+                          resume_item(state), pcfg.keep_opt_state,
+                          checkpoint.tree_nbytes(lm.params) if pcfg.export_final else 0)
     if last is not None:
         restored = checkpoint.restore_resume(ckpt_dir, last, resume_item(state))
         model = restored["master"] if master else checkpoint.restore_params(ckpt_dir, last, state["trainable"]["model"])
