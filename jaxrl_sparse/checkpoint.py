@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 import jax
@@ -96,7 +97,7 @@ def save(ckpt_dir: str, step: int, tree: Any, *, metadata: Optional[dict] = None
         mngr.wait_until_finished()
         steps = sorted(int(s) for s in mngr.all_steps())
     if resume is not None and keep_resume > 0 and jax.process_index() == 0:
-        with_resume = [s for s in steps if os.path.isdir(_resume_dir(ckpt_dir, s))]
+        with_resume = [s for s in steps if has_resume(ckpt_dir, s)]
         for old in with_resume[:-keep_resume]:
             if old != step:
                 shutil.rmtree(_resume_dir(ckpt_dir, old), ignore_errors=True)
@@ -133,7 +134,6 @@ def check_disk(ckpt_dir: str, n_steps: int, tree: Any, resume: Any = None, keep_
     msg = (f"warning: the run's {n_steps} checkpoints need about {need / 2**30:.1f} GB and {path} has "
            f"{free / 2**30:.1f} GB free; raise --save_ckpt_every (ES: --save_every), keep the optimizer state "
            "in fewer checkpoints (--keep_opt_state) or free some space")
-    import sys
     print(msg, file=sys.stderr)
     return msg
 

@@ -77,11 +77,6 @@ def peak_memory_bytes(device=None) -> Optional[int]:
     return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))) or None
 
 
-def tree_bytes(tree) -> int:
-    """Total bytes of the arrays in a pytree."""
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
-
-
 def tree_digest(tree) -> str:
     """A bit-level fingerprint of a pytree's arrays, computed on their devices: each leaf's bits summed
     as wrapping uint32 (exact, so independent of reduction order), the sums hashed. Equal trees give

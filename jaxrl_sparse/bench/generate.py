@@ -84,6 +84,7 @@ def bench_one(model: str, batch: int, prompt_len: int, new_tokens: int, dtype: s
     import jax
     import jax.numpy as jnp
     from jaxrl_sparse.bench import common
+    from jaxrl_sparse.checkpoint import tree_nbytes
     from jaxrl_sparse.generate import generate
     from jaxrl_sparse.models.config import preset
     from jaxrl_sparse.models.decoder import forward, init_cache, init_params
@@ -113,7 +114,7 @@ def bench_one(model: str, batch: int, prompt_len: int, new_tokens: int, dtype: s
 
     copy_bw = copy_bw or common.copy_bandwidth()
     itemsize = jnp.dtype(jnp.bfloat16 if dtype == "bfloat16" else jnp.float32).itemsize
-    w_bytes = common.tree_bytes(params)
+    w_bytes = tree_nbytes(params)
     kv_bytes = (2 * cfg.num_layers * batch * (prompt_len + new_tokens / 2) * cfg.num_kv_heads
                 * cfg.head_dim * itemsize)
     roof_step = (w_bytes + kv_bytes) / copy_bw
