@@ -52,7 +52,7 @@ def reference(x, y, b, scale, bias, *, eps: float, out_dtype=None):
     return xn, _normalize(xn, scale, bias, eps, out_dtype or jnp.float32)
 
 
-def _kernel(*refs, eps: float, has_y: bool, has_b: bool, width: int):
+def _kernel(*refs, eps: float, has_y: bool, has_b: bool):
     from jax.experimental import pallas as pl
     it = iter(refs)
     x_ref = next(it)
@@ -64,12 +64,7 @@ def _kernel(*refs, eps: float, has_y: bool, has_b: bool, width: int):
     y = y_ref[r, :] if has_y else None
     xn = _residual(x, y, b_ref[:] if has_b else None)
     xo_ref[r, :] = xn
-    xf = xn.astype(jnp.float32)
-    mean = jnp.sum(xf) / width
-    mean2 = jnp.sum(xf * xf) / width
-    var = jnp.maximum(0.0, mean2 - mean * mean)
-    mul = jax.lax.rsqrt(var + eps) * s_ref[:].astype(jnp.float32)
-    ho_ref[r, :] = ((xf - mean) * mul + nb_ref[:].astype(jnp.float32)).astype(ho_ref.dtype)
+    ho_ref[r, :] = _normalize(xn, s_ref[:], nb_ref[:], eps, ho_ref.dtype)
 
 
 def pallas_add_norm(x, y, b, scale, bias, *, eps: float, out_dtype=None, num_warps: int = 4,
@@ -82,7 +77,7 @@ def pallas_add_norm(x, y, b, scale, bias, *, eps: float, out_dtype=None, num_war
     out_dtype = jnp.dtype(out_dtype or jnp.float32)
     b = b if y is not None else None  # a bias without a projection output is ignored (`add_norm`)
     args = [x] + [a for a in (y, b) if a is not None] + [scale, bias]
-    kern = functools.partial(_kernel, eps=float(eps), has_y=y is not None, has_b=b is not None, width=D)
+    kern = functools.partial(_kernel, eps=float(eps), has_y=y is not None, has_b=b is not None)
     whole = pl.no_block_spec
     return pl.pallas_call(
         kern, grid=(R,), in_specs=[whole] * len(args), out_specs=(whole, whole),

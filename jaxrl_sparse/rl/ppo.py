@@ -641,8 +641,10 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
                         keep_resume=pcfg.keep_opt_state, metadata={**meta, "host": host, "step": step},
                         overwrite=True)
 
-    saves = [s for s in range(1 if last is None else last + 1, pcfg.num_updates + 1)
-             if s % pcfg.save_ckpt_every == 0 or s == pcfg.num_updates]
+    def save_due(done):  # a checkpoint after update `done` (step 0 is written before the first)
+        return done % pcfg.save_ckpt_every == 0 or done == pcfg.num_updates
+
+    saves = [s for s in range(1 if last is None else last + 1, pcfg.num_updates + 1) if save_due(s)]
     checkpoint.check_disk(ckpt_dir, len(saves) + (last is None),
                           jax.eval_shape(lambda t: policy_params(t, pcfg), state["trainable"]),
                           resume_item(state), pcfg.keep_opt_state,
@@ -742,7 +744,7 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
         log.write(done, metrics)
         rewards_hist.append(metrics["env/reward_mean"])
         bar.set_postfix(reward=f"{metrics['env/reward_mean']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
-        if done % pcfg.save_ckpt_every == 0 or done == pcfg.num_updates:
+        if save_due(done):
             save(done)
 
     rows = log.read()
