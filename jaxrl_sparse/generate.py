@@ -119,6 +119,11 @@ def cache_slots(prompt_len: int, max_new_tokens: int, steps_per_sync: int) -> in
     return prompt_len + max_new_tokens + steps_per_sync
 
 
+def _per_layer(params) -> bool:
+    """Decoder params whose 'layers' are already per layer (a tuple or `decoder.LayerSplit`)."""
+    return isinstance(params, dict) and isinstance(params.get("layers"), (tuple, list))
+
+
 def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable], mesh: Optional[Mesh]):
     """The traced program: (params, tokens [B,P], mask [B,P], key, noise, stops) -> GenerateOutput.
 
@@ -147,6 +152,16 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
         kv = P(None, rows)
         cache = dict(cache, k=shard(cache["k"], kv), v=shard(cache["v"], kv),
                      mask=shard(cache["mask"], P(rows)))
+
+        def per_layer(cache):  # one KV buffer per layer (see split_cache)
+            cache = split_cache(cache)
+            return dict(cache, k=tuple(shard(c, P("data")) for c in cache["k"]),
+                        v=tuple(shard(c, P("data")) for c in cache["v"]))
+
+        if _per_layer(params):  # per-layer weights (e.g. PPO's update carry):
+            if not spec.layer_loop or (spec.prompt_copies > 1 and spec.shared_layers):  # prompt: layer by layer
+                raise ValueError("per-layer weights need generate's layer_loop and no shared prefill")
+            cache = per_layer(cache)
         out = _prefill(params, cfg, spec, tokens, mask, cache, noise, cap, shard, rows)
         row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(B, dtype=jnp.uint32))
         pos0 = jnp.sum(mask, axis=1, dtype=jnp.int32)  # position of the first new token
@@ -159,13 +174,11 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
         done = is_eos[tok]
         cache = out.cache
         if spec.layer_loop:  # per-layer weights and KV buffers for the decode loop (see split_cache)
+            cache = per_layer(cache)
             layers = params["layers"]
-            if isinstance(layers, dict) and fused_decode_applies(cfg, cache["k"].shape[3], noise):
+            if isinstance(layers, dict) and fused_decode_applies(cfg, cache["k"][0].shape[2], noise):
                 layers = join_projections(layers, qkv=True, gate_up=False)  # the fused step's q/k/v gemm
             params = dict(params, layers=split_layers(layers))
-            cache = split_cache(cache)
-            cache = dict(cache, k=tuple(shard(c, P("data")) for c in cache["k"]),
-                         v=tuple(shard(c, P("data")) for c in cache["v"]))
         buf_i = jnp.full((B, NB), pad_id, jnp.int32).at[:, 0].set(tok)
         buf_m = jnp.zeros((B, NB), jnp.bool_).at[:, 0].set(True)
         buf_lp = jnp.zeros((B, NB), jnp.float32).at[:, 0].set(lp)
@@ -179,8 +192,6 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
 
         def cond(c):
             t, _, done, _, _ = c
-            if spec.fixed_length:
-                return t < N
             return (t < N) & ~jnp.all(done)
 
         def step(c):
@@ -204,7 +215,11 @@ def _decode_fn(cfg: ModelConfig, spec: SamplerSpec, params_fn: Optional[Callable
                 c = step(c)
             return c
 
-        t, _, _, _, bufs = jax.lax.while_loop(cond, body, carry)
+        if spec.fixed_length:  # a counted loop: XLA knows its trip count, so the GPU runs it with no
+            # device->host read of the condition per iteration (the while below pays one per test)
+            t, _, _, _, bufs = jax.lax.fori_loop(0, -(-(N - 1) // K), lambda _, c: body(c), carry)
+        else:
+            t, _, _, _, bufs = jax.lax.while_loop(cond, body, carry)
         bi, bm, blp, bslp = (b[:, :N] for b in bufs[:4])
         hidden = bufs[4][:, :Pb + N] if cap is not None else None
         return GenerateOutput(bi, bm, blp, bslp, jnp.sum(bm, axis=1, dtype=jnp.int32), jnp.minimum(t, N),
@@ -364,8 +379,8 @@ def prepare(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_ne
     """
     eos = _eos_tuple(eos_token_id, cfg)
     on_cpu = jax.devices()[0].platform == "cpu"
-    if layer_loop is None:
-        layer_loop = not on_cpu
+    if layer_loop is None:  # per-layer weights (e.g. PPO's update carry) run layer by layer anyway
+        layer_loop = not on_cpu or _per_layer(params)
     if layer_loop:  # the scan's unroll has no effect there: keep it out of the compile-cache key
         layer_unroll = 1
     elif layer_unroll is None:
@@ -379,13 +394,16 @@ def prepare(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_ne
     if spec.capture_layer >= cfg.num_layers:
         raise UserError(f"capture_layer={capture_layer} must be < the model's {cfg.num_layers} layers")
     check_prompts(prompt_mask, cfg, spec.max_new_tokens)
-    tokens = jnp.asarray(prompt_tokens, jnp.int32)
-    mask = jnp.asarray(prompt_mask).astype(jnp.bool_)
+    # host prompts stay numpy until the program's call (or `_place`) uploads them: an eager jnp op
+    # per array costs ~0.1-0.3 ms of host time on an H100 machine, with the device idle meanwhile
+    xp = jnp if isinstance(prompt_tokens, jax.Array) or isinstance(prompt_mask, jax.Array) else np
+    tokens = xp.asarray(prompt_tokens).astype(np.int32)
+    mask = xp.asarray(prompt_mask).astype(np.bool_)
     B, P0 = tokens.shape
     Pb = bucket_length(P0) if bucket else P0
     if Pb > P0:
-        tokens = jnp.pad(tokens, ((0, 0), (Pb - P0, 0)), constant_values=int(pad))
-        mask = jnp.pad(mask, ((0, 0), (Pb - P0, 0)))
+        tokens = xp.pad(tokens, ((0, 0), (Pb - P0, 0)), constant_values=int(pad))
+        mask = xp.pad(mask, ((0, 0), (Pb - P0, 0)))
     if mesh is None:
         mesh = _default_mesh(B)
     elif mesh is False:
@@ -401,7 +419,7 @@ def prepare(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_ne
         key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
     if greedy:  # temperature/top-k/top-p do not change argmax decoding: share one compile
         spec = dataclasses.replace(spec, temperature=1.0, top_k=0, top_p=1.0)
-    stops = (jnp.asarray(_eos_array(eos)), jnp.int32(pad), jnp.int32(spec.min_new_tokens))
+    stops = (_eos_array(eos), np.int32(pad), np.int32(spec.min_new_tokens))
     return spec, mesh, (params, tokens, mask, key, noise, stops)
 
 
@@ -426,7 +444,9 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, key, *, max_n
     bucket: pad the prompt length up to `bucket_length(P)` (fewer compiles).
     layer_loop: decode with per-layer weights and KV buffers, layers unrolled (`split_cache`; same
     tokens): no per-step copies of each layer's weights and cache slice. Default: on for
-    accelerators, off on CPU (faster compiles). layer_unroll: without layer_loop, layers per
+    accelerators, off on CPU (faster compiles); always on when params['layers'] is already per
+    layer (a tuple or `decoder.LayerSplit`, e.g. PPO's update carry, q/k/v may be joined): the
+    prompt then runs layer by layer too, and nothing is copied. layer_unroll: without layer_loop, layers per
     iteration of the decode step's layer scan (identical results; default 1 on CPU, all layers
     elsewhere); ignored with layer_loop, which unrolls every layer.
     capture_layer: j >= 0 also returns `hidden` [B, P + N, D] (compute dtype; P = the caller's prompt

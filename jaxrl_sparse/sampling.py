@@ -16,6 +16,7 @@ once; otherwise the full [B, V] logits are the candidates (`ids is None`).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -93,7 +94,18 @@ def top_k_values(x, k: int, chunk: int = 0):
     return vals, jnp.take_along_axis(sel, j // chunk, axis=-1) * chunk + j % chunk
 
 
-TOP_K_CHUNK = 128  # top-k slice width (see `top_k_values`); 0 = one `lax.top_k` over V
+TOP_K_CHUNK = None  # top-k slice width (see `top_k_values`); None = `top_k_chunk(V, k)`, 0 = one `lax.top_k` over V
+
+
+def top_k_chunk(vocab_size: int, k: int) -> int:
+    """The slice width for `top_k_values`: the power of two nearest sqrt(V / k), at least 8.
+
+    A step's work is ~V / chunk slice maxima plus k * chunk candidates, least at sqrt(V / k). On an
+    H100, top-k 50 / top-p 0.95 sampling steps (us) by width 8 / 16 / 32 / 64 / 128: B16 V50257
+    82 / 63 / 56 / 64 / 83; B128 V50257 150 / 84 / 75 / 85 / 155; B64 V49152 87 / 66 / 59 / 67 / 87;
+    B64 V151936 243 / 192 / 122 / 109 / 123 (BENCHMARKS.md, session 18): this picks 32, 32, 32, 64.
+    """
+    return max(8, 1 << round(math.log2(math.sqrt(vocab_size / max(k, 1)))))
 
 
 def candidates(logits, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Candidates:
@@ -101,7 +113,8 @@ def candidates(logits, *, temperature: float = 1.0, top_k: int = 0, top_p: float
     z = apply_temperature(logits.astype(jnp.float32), temperature)
     V = z.shape[-1]
     if top_k and top_k < V:
-        vals, ids = top_k_values(z, top_k, TOP_K_CHUNK)  # sorted descending, lower index first on ties
+        chunk = top_k_chunk(V, top_k) if TOP_K_CHUNK is None else TOP_K_CHUNK
+        vals, ids = top_k_values(z, top_k, chunk)  # sorted descending, lower index first on ties
         return Candidates(top_p_sorted(vals, top_p), ids)
     if top_p < 1.0:
         iota = jnp.broadcast_to(jnp.arange(V, dtype=jnp.int32), z.shape)

@@ -47,10 +47,15 @@ def test_es_bench_small_np_runs(noise_prompt):
     assert ph["total_s"] > 0 and ph["generate_s"] > 0 and ph["update_s"] > 0
 
 
-def test_ppo_bench_small_with_update_breakdown():
+def test_ppo_bench_small_with_update_breakdown(tmp_path):
+    import pstats
     from jaxrl_sparse.bench import ppo as bench_ppo
-    rows = bench_ppo.main(["--settings=small", "--repeats=1", "--breakdown", "--layer_loop=on"])
+    prof = tmp_path / "host.prof"
+    rows = bench_ppo.main(["--settings=small", "--repeats=1", "--breakdown", "--layer_loop=on",
+                           f"--host_profile={prof}"])
     row = rows[0]
+    # one more iteration under cProfile: the sampler's host-side call is in it
+    assert any(fn[2] == "generate" for fn in pstats.Stats(str(prof)).stats)
     assert row["setting"] == "small" and row["batch"] == 4 and row["mini_batch"] == 2
     assert row["s_per_iter"] == pytest.approx(row["rollout_s"] + row["reward_s"] + row["update_s"])
     parts = row["update_parts"]  # with the layer loop: also the state into its per-layer carry and back
@@ -183,3 +188,11 @@ def test_tree_digest_is_bit_exact():
     b.view(np.uint16)[0] ^= 1
     assert tree_digest({**a, "b": jnp.asarray(b)}) != tree_digest(a)
     assert tree_digest({"w": a["b"], "b": a["w"], "n": a["n"]}) != tree_digest(a)
+
+
+def test_sampler_bench_times_every_width_with_equal_tokens():
+    rows = dispatch(["sampler", "--shapes=3x5003", "--chunks=0,16,auto", "--steps=3"])
+    assert rows[0]["auto_chunk"] == 8 and set(rows[0]["us_per_step"]) == {"0", "16", "auto"}
+    assert all(t > 0 for t in rows[0]["us_per_step"].values())
+    with pytest.raises(UserError, match="is not BxV"):
+        dispatch(["sampler", "--shapes=3by5003"])

@@ -1,5 +1,6 @@
 """The jitted KV-cache sampler against transformers' generate and a teacher-forced forward pass."""
 import os
+import re
 import subprocess
 import sys
 
@@ -272,3 +273,39 @@ def test_layer_loop_decoding_equals_layer_scan(family):
     np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
     np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs), atol=1e-6)
     np.testing.assert_allclose(np.asarray(outs[0].sample_logprobs), np.asarray(outs[1].sample_logprobs), atol=1e-6)
+
+
+def test_fixed_length_runs_a_counted_loop_and_per_layer_weights_decode_alike(llama):
+    """fixed_length decodes in a loop with a compile-time trip count (XLA runs it with no
+    device->host read of the loop condition per step) and gives the while loop's samples; per-layer
+    weights as PPO's update carry holds them (`LayerSplit`, q/k/v and gate/up joined) give the
+    stacked weights' tokens and log-probs, prompt included, with or without EOS stops."""
+    from jaxrl_sparse.generate import compiled_sampler, prepare
+    from jaxrl_sparse.models.decoder import LayerSplit
+    from jaxrl_sparse.rl.ppo import update_carry
+    _, cfg, params = llama
+    toks, mask = _prompts(cfg.vocab_size)
+    kw = dict(max_new_tokens=N, top_k=5, top_p=0.9, eos_token_id=[])
+
+    def trip_counts(fixed_length, K):
+        spec, mesh, args = prepare(params, cfg, toks, mask, jax.random.key(3), fixed_length=fixed_length,
+                                   steps_per_sync=K, **kw)
+        hlo = compiled_sampler(cfg, spec, None, mesh).lower(*args).compile().as_text()
+        loops = [ln for ln in hlo.splitlines() if 'op_name="jit(run_traced)/while"' in ln and " while(" in ln]
+        assert len(loops) == 1, len(loops)
+        return [int(n) for n in re.findall(r'"known_trip_count":\{"n":"(\d+)"\}', loops[0])]
+
+    assert trip_counts(True, 1) == [N - 1] and trip_counts(True, 3) == [3]  # steps 1..N-1, K per iteration
+    assert trip_counts(False, 1) == []                                      # EOS can end it early
+    carried = update_carry(cfg, small_below=100)
+    cp = dict(params, layers=carried.to_carry({"layers": params["layers"]})["layers"])
+    assert isinstance(cp["layers"], LayerSplit) and "qkv_proj" in cp["layers"].big[0]["attn"]
+    for stop in (dict(eos_token_id=[]), dict(eos_token_id=[5, 9, 17], min_new_tokens=2)):
+        ref = generate(params, cfg, toks, mask, jax.random.key(3), **dict(kw, **stop))
+        for p, fixed in ((params, True), (cp, False), (cp, True)):
+            if fixed and stop["eos_token_id"]:
+                continue  # fixed_length ignores EOS stops
+            out = generate(p, cfg, toks, mask, jax.random.key(3), fixed_length=fixed, **dict(kw, **stop))
+            np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+            np.testing.assert_array_equal(np.asarray(out.mask), np.asarray(ref.mask))
+            np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref.logprobs), atol=1e-5)

@@ -17,6 +17,7 @@ COMMANDS = {
     "es": "jaxrl_sparse.bench.es:main",                     # ES iteration: NP / low-rank WP / full-rank WP
     "grpo": "jaxrl_sparse.bench.grpo:main",                 # GRPO+LoRA rollout tok/s (vs HF), update MFU
     "head": "jaxrl_sparse.bench.head:main",                 # the LM head's gemm alone vs its bandwidth bound
+    "sampler": "jaxrl_sparse.bench.sampler:main",           # the sampler's step alone by top-k slice width
     "gemm": "jaxrl_sparse.bench.gemm:main",                 # the PPO update's gemms alone, split-K / batched dW
     "attention": "jaxrl_sparse.bench.attention:main",       # decode / training attention kernels vs XLA (GPU)
     "profile": "jaxrl_sparse.bench.profile:main",           # any of the above under the JAX profiler

@@ -33,7 +33,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
                   layer_loop: Optional[bool] = None, small_below: Optional[int] = None,
                   join_qkv: bool = True, join_gate_up: bool = True, log_grad_norm: bool = False,
                   fused_adam: str = "auto", fused_blocks: str = "", steps_per_sync: int = 1,
-                  resident: bool = True) -> Dict[str, Any]:
+                  resident: bool = True, host_profile: str = "") -> Dict[str, Any]:
     """mesh: 'data:N,fsdp:M' ('' = all devices on data). per_device_batch > 0: the batch is this
     many rows per device (weak scaling), mini-batches keep the setting's batch/mini-batch ratio.
     breakdown: also time the update's parts alone (`update_parts`). layer_loop: the update's
@@ -43,7 +43,10 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     --log_grad_norm (off by default, as there), --fused_adam and --steps_per_sync; fused_blocks: the
     fused kernel's tiles ('' = the trainer's, else `gemm.parse_blocks`' format). resident: keep the
     state in the update's carry layout between iterations where the trainer does (layer loop, one
-    device; `ppo.update_carry`); False: the update converts it in and out every iteration."""
+    device; `ppo.update_carry`); False: the update converts it in and out every iteration.
+    host_profile: write cProfile statistics of one more iteration there (`python -m pstats FILE`):
+    the host's time per call. A jitted call's own time includes enqueueing all of its program's
+    kernels, which the device runs meanwhile, so it is not the device's idle time."""
     from jaxrl_sparse import parallel
     from jaxrl_sparse.generate import generate
     from jaxrl_sparse.models import classifier as clf
@@ -105,9 +108,13 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     q_mask = np.ones((B, Q), np.int32)
 
     def iteration(i, state):
+        with jax.profiler.TraceAnnotation(f"ppo iteration {i}"):  # its span in a profile (bench profile)
+            return _iteration(i, state)
+
+    def _iteration(i, state):
         kk = jax.random.fold_in(k, 100 + i)
         t0 = time.perf_counter()
-        view = carry.view(state) if resident else state["trainable"]  # stacked weights
+        view = state["trainable"]  # as the trainer: the carry layout's weights as they lie when resident
         gen = generate(view["model"], mcfg, q_tok, q_mask, kk, max_new_tokens=N,
                        top_k=top_k, top_p=top_p, fixed_length=True, eos_token_id=[], mesh=msh,
                        steps_per_sync=pcfg.steps_per_sync)
@@ -151,6 +158,13 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
            "peak_mem_gb": max(peak_mem) / 1e9, "peak_mem_gb_per_device": [m / 1e9 for m in peak_mem],
            **device_info()}
     stacked = carry.to_stacked(state) if resident else state
+    if host_profile:  # on a copy (the update donates its state): the digest stays the timed iterations'
+        if not resident:
+            stacked = jax.tree_util.tree_map(jnp.copy, state)
+        import cProfile
+        prof = cProfile.Profile()
+        state, _, _ = prof.runcall(iteration, repeats + 1, state)
+        prof.dump_stats(host_profile)
     del state
     # the weights and Adam moments after the last iteration, bit for bit: runs of the same setting
     # under different XLA_FLAGS compute the same state exactly when these agree
@@ -232,6 +246,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     _f.DEFINE_bool("resident", True, "keep the state in the update's carry layout between iterations, as the "
                    "trainer does with the layer loop on one device (--noresident: converted every update)",
                    flag_values=fv)
+    _f.DEFINE_string("host_profile", "", "write cProfile statistics of one more iteration to this file "
+                     "(host time per call; with several settings, the last one's)", flag_values=fv)
     from jaxrl_sparse.rl.ppo import PPOConfig
     _f.DEFINE_integer("steps_per_sync", PPOConfig.steps_per_sync, "the trainer's --steps_per_sync: rollout "
                       "decode steps per loop test", flag_values=fv)
@@ -249,7 +265,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                             small_below=fv.small_below, join_qkv=fv.join_qkv, join_gate_up=fv.join_gate_up,
                             log_grad_norm=fv.log_grad_norm, fused_adam=fv.fused_adam,
                             fused_blocks=fv.fused_blocks, steps_per_sync=fv.steps_per_sync,
-                            resident=fv.resident)
+                            resident=fv.resident, host_profile=fv.host_profile)
         rows.append(row)
         append_jsonl(fv.out or None, {"bench": "ppo", **row})
     print(markdown_table(rows, [("setting", "setting"), ("batch", "B"), ("mini_batch", "mb"),

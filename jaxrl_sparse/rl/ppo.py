@@ -223,7 +223,9 @@ def make_optimizer(pcfg: PPOConfig) -> optax.GradientTransformation:
 def make_score_fn(mcfg: ModelConfig, Q: int, mesh=None):
     """jit: (trainable, ref_params, tokens, mask, pcfg) -> old logprobs, values, ref logprobs, kl_full.
 
-    mesh: outputs [B, N] split over the mesh's batch axes (inputs keep the shardings they have).
+    trainable's model may be stacked or in the update's carry layout (`update_carry`): `forward`
+    runs per-layer weights layer by layer. mesh: outputs [B, N] split over the mesh's batch axes
+    (inputs keep the shardings they have).
     """
 
     def fn(trainable, ref_params, tokens, mask, pcfg_static):
@@ -405,12 +407,11 @@ class UpdateCarry(NamedTuple):
     """Jitted conversions of a resident update's state (`make_update_fn(resident=True)`).
 
     to_carry: a stacked state (or gradient mask) -> the carry layout (a copy: drop the input);
-    to_stacked: a carry-layout tree -> stacked (a copy; for checkpoints, rank logging, export);
-    view: a carry-layout state's {'model', 'value_head'} stacked, what the rollout and the score
-    pass read (the weights only, a third of the state's bytes)."""
+    to_stacked: a carry-layout tree -> stacked (a copy; for checkpoints, rank logging, export).
+    The rollout and the score pass read the carry's weights as they lie (`generate` and `forward`
+    take per-layer weights), so no copy is made for them."""
     to_carry: Any
     to_stacked: Any
-    view: Any
 
 
 def use_resident_update(layer_loop: Optional[bool], mesh=None) -> bool:
@@ -422,11 +423,9 @@ def use_resident_update(layer_loop: Optional[bool], mesh=None) -> bool:
 def update_carry(mcfg: ModelConfig, small_below: int = SMALL_LEAF_STACKED_BELOW, join_qkv: bool = True,
                  join_gate_up: bool = True) -> UpdateCarry:
     """`UpdateCarry` for a resident update made with the same small_below / join_qkv / join_gate_up."""
-    to_stacked = jax.jit(lambda tree: from_update_carry(tree, mcfg))
     return UpdateCarry(
         to_carry=jax.jit(lambda tree: to_update_carry(tree, join_qkv, join_gate_up, small_below)),
-        to_stacked=to_stacked,
-        view=lambda state: to_stacked(state["trainable"]))
+        to_stacked=jax.jit(lambda tree: from_update_carry(tree, mcfg)))
 
 
 def default_fused_blocks(mesh=None) -> fused.Blocks:
@@ -558,6 +557,16 @@ def _response_lengths(key, B: int, lo: int, hi: int):
     return jax.random.randint(key, (B,), lo, hi + 1)
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _step_draws(k_run, k_data, step, n_queries: int, B: int, lo: int, hi: int):
+    """A training step's random draws as one program: (sampling key, update key, prompt indices
+    [B], response lengths [B]). The same values as the eager ops, whose ~1 ms each of host time
+    left the device idle before every rollout."""
+    k_gen, k_len, k_upd = jax.random.split(jax.random.fold_in(k_run, step), 3)
+    idx = jax.random.choice(jax.random.fold_in(k_data, step), n_queries, (B,), replace=False)
+    return k_gen, k_upd, idx, _response_lengths(k_len, B, lo, hi)
+
+
 def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] = None,
           layer_loop: Optional[bool] = None) -> Dict[str, Any]:
     """Runs (or resumes) a PPO run in `pcfg.workdir`; returns a summary dict.
@@ -626,8 +635,8 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
     def stacked():  # the state as checkpoints hold it
         return carry.to_stacked(state) if in_carry() else state
 
-    def trainable_now():  # {'model', 'value_head'}, stacked: what the rollout, scoring and statistics read
-        return carry.view(state) if in_carry() else state["trainable"]
+    def trainable_now():  # {'model', 'value_head'}, stacked: what rank statistics and the export read
+        return carry.to_stacked(state["trainable"]) if in_carry() else state["trainable"]
 
     def resume_item(st):
         # 'params' (what the analyzer and exports read) is the trained model itself unless an fp32
@@ -677,17 +686,15 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
     rewards_hist: List[float] = []
     for step in bar:
         t0 = time.perf_counter()
-        k_step = jax.random.fold_in(k_run, step)
-        k_gen, k_len, k_upd = jax.random.split(k_step, 3)
-        idx = np.asarray(jax.random.choice(jax.random.fold_in(k_data, step), len(queries), (B,), replace=False))
-        view = trainable_now()
+        k_gen, k_upd, idx, lengths = _step_draws(k_run, k_data, step, len(queries), B, pcfg.output_min_length, N)
+        idx, lengths = np.asarray(idx), np.asarray(lengths)
+        view = state["trainable"]  # as it lies: the rollout and the score pass read either layout
         pol = policy_params(view, pcfg)
         query, query_mask = q_tok[idx], q_mask[idx]                       # host [B, Q]
         gen = generate(pol, mcfg, query, query_mask, k_gen, mesh=mesh,
                        max_new_tokens=N, temperature=pcfg.temperature, top_k=pcfg.top_k,
                        top_p=pcfg.top_p, eos_token_id=eos, pad_token_id=tok.pad_token_id,
                        steps_per_sync=pcfg.steps_per_sync)
-        lengths = np.asarray(_response_lengths(k_len, B, pcfg.output_min_length, N))
         g_tok, g_mask = parallel.to_host((gen.tokens, gen.mask))
         rmask_np = (g_mask.astype(bool) & (np.arange(N)[None] < lengths[:, None])).astype(np.int32)
         resp_np = np.where(rmask_np > 0, g_tok, tok.pad_token_id).astype(np.int32)
@@ -699,7 +706,7 @@ def train(pcfg: PPOConfig, *, progress: bool = True, stop_after: Optional[int] =
         # the score pass needs no reward: dispatched now, the device runs it while the host decodes
         # the responses and computes their rewards below
         lp, values, rlp, kl_full = score_fn(view, ref_params, tokens, mask, pkey)
-        del view, pol  # the stacked copy of a resident state's weights
+        del view, pol  # the update donates the state
 
         rows_p = range(B)[mine]   # decoded and scored by this process, gathered below
         responses = [tok.decode(resp_np[i][rmask_np[i] > 0], skip_special_tokens=True) for i in rows_p]
