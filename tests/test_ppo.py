@@ -246,6 +246,9 @@ def test_resume_equals_uninterrupted(tiny_lm_dir, tmp_path):
     carried = ppo.train(ppo.PPOConfig(workdir=str(tmp_path / "c"), **cfg), progress=False, layer_loop=True)
     c = _strip(carried["metrics"])
     assert [r["step"] for r in c] == [1, 2, 3]
+    # policy and reference are equal before the first update: their KL is exactly 0 when both have
+    # one layout; the carried policy against the stacked reference differs by summation order only
+    assert a[0]["objective/kl"] == 0.0 and abs(c[0]["objective/kl"]) < 1e-3, c[0]["objective/kl"]
     for ra, rc in zip(a, c):  # two summation orders (scanned vs unrolled layers): float noise only
         for k in ra:
             assert ra[k] == pytest.approx(rc[k], rel=1e-4, abs=1e-5), (ra["step"], k)
