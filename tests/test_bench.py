@@ -66,6 +66,15 @@ def test_ppo_bench_small_with_update_breakdown(tmp_path):
         bench_ppo.main(["--settings=nope"])
 
 
+def test_ppo_bench_pipelined_rollouts_compute_the_same_state():
+    from jaxrl_sparse.bench import ppo as bench_ppo
+    # the next rollout queued behind the update or dispatched after it (the trainer's order): same work
+    on, off = (bench_ppo.main(["--settings=small", "--repeats=2", "--layer_loop=on", f"--{p}pipeline"])[0]
+               for p in ("", "no"))
+    assert on["pipeline"] and not off["pipeline"]
+    assert on["state_digest"] == off["state_digest"]
+
+
 def test_gemm_bench_rewrites_equal_the_products_and_run():
     """The two rewrites `launch.bench gemm` times compute the same products; the command runs."""
     from jaxrl_sparse.bench.gemm import batched_weight_grads, split_k_product
@@ -138,9 +147,11 @@ def test_profile_tables_and_hlo_op_names(tmp_path):
     from jaxrl_sparse.bench import profile
     out = tmp_path / "p.json"
     tables = dispatch(["profile", "head", "--models=smollm2-135m", "--batch=2", "--repeats=1",
-                       f"--profile_out={out}", "--profile_top=5"])
+                       f"--profile_out={out}", "--profile_top=5", f"--profile_dir={tmp_path / 'trace'}"])
     assert tables and json.loads(out.read_text()).keys() == tables.keys()
     assert max(t["busy_ms"] for t in tables.values()) > 0
+    with pytest.raises(UserError, match="no host event named 'nope'"):
+        profile.span_report(profile.latest_trace(str(tmp_path / "trace")), "nope")
     dump = tmp_path / "hlo"
     dump.mkdir()
     (dump / "module_0007.jit_update.sm_9.0a_gpu_after_optimizations.txt").write_text(
@@ -164,6 +175,23 @@ def test_profile_tables_and_hlo_op_names(tmp_path):
                                ("sm90_xmma_gemm", 1, 1.0, "")]
     with pytest.raises(UserError, match="xla_dump_to"):
         profile.hlo_ops(str(tmp_path / "empty"))
+
+
+def test_span_gaps_are_the_uncovered_stretches_and_the_host_events_then(capsys):
+    from jaxrl_sparse.bench import profile
+    # kernels (ns) overlapping, unsorted, one reaching past the window [0, 1000)
+    busy, gaps = profile.busy_and_gaps([(500, 600), (100, 300), (250, 400), (950, 2000)], 0, 1000,
+                                       min_gap_ns=100)
+    assert busy == 300 + 100 + 50 and gaps == [(0, 100), (400, 500), (600, 950)]
+    assert profile.busy_and_gaps([(0, 1000)], 0, 1000) == (1000, [])
+    assert profile.busy_and_gaps([(10, 20)], 0, 1000, min_gap_ns=15) == (10, [(20, 1000)])  # 10 ns: not a gap
+    host = [("update", 0, 90_000_000), ("graph update", 1_000_000, 10_000_000),
+            ("launch", 10_000_000, 15_000_000), ("tiny", 2_000_000, 2_010_000)]
+    assert profile.innermost(host, 2_000_000, 12_000_000) == ["launch", "graph update", "update"]
+    assert profile.innermost(host, 2_000_000, 12_000_000, n=1) == ["launch"]
+    profile.print_span({"span": "ppo iteration 2", "span_ms": 90.0, "kernels": 3, "busy_ms": 80.0, "idle_ms": 10.0,
+                        "gaps": [{"at_ms": 1.0, "ms": 10.0, "host": ["launch", "graph update"]}]})
+    assert "| 1.00 | 10.00 | launch < graph update |" in capsys.readouterr().out
 
 
 def test_rows_record_xla_flags(monkeypatch):

@@ -33,7 +33,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
                   layer_loop: Optional[bool] = None, small_below: Optional[int] = None,
                   join_qkv: bool = True, join_gate_up: bool = True, log_grad_norm: bool = False,
                   fused_adam: str = "auto", fused_blocks: str = "", steps_per_sync: int = 1,
-                  resident: bool = True, host_profile: str = "") -> Dict[str, Any]:
+                  resident: bool = True, host_profile: str = "", pipeline: bool = False) -> Dict[str, Any]:
     """mesh: 'data:N,fsdp:M' ('' = all devices on data). per_device_batch > 0: the batch is this
     many rows per device (weak scaling), mini-batches keep the setting's batch/mini-batch ratio.
     breakdown: also time the update's parts alone (`update_parts`). layer_loop: the update's
@@ -46,7 +46,10 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     device; `ppo.update_carry`); False: the update converts it in and out every iteration.
     host_profile: write cProfile statistics of one more iteration there (`python -m pstats FILE`):
     the host's time per call. A jitted call's own time includes enqueueing all of its program's
-    kernels, which the device runs meanwhile, so it is not the device's idle time."""
+    kernels, which the device runs meanwhile, so it is not the device's idle time.
+    pipeline: queue the next iteration's rollout behind the update before waiting for the update's
+    statistics (the host enqueues it while the device updates); off (the trainer's order): each
+    iteration dispatches its rollout after the last one's statistics arrived."""
     from jaxrl_sparse import parallel
     from jaxrl_sparse.generate import generate
     from jaxrl_sparse.models import classifier as clf
@@ -107,39 +110,42 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
     q_tok = rng.integers(0, mcfg.vocab_size, (B, Q)).astype(np.int32)
     q_mask = np.ones((B, Q), np.int32)
 
-    def iteration(i, state):
-        with jax.profiler.TraceAnnotation(f"ppo iteration {i}"):  # its span in a profile (bench profile)
-            return _iteration(i, state)
-
-    def _iteration(i, state):
+    def start_rollout(i, state):  # dispatched: (its key, the decoding's device arrays)
         kk = jax.random.fold_in(k, 100 + i)
+        # as the trainer: the carry layout's weights as they lie when resident
+        return kk, generate(state["trainable"]["model"], mcfg, q_tok, q_mask, kk, max_new_tokens=N,
+                            top_k=top_k, top_p=top_p, fixed_length=True, eos_token_id=[], mesh=msh,
+                            steps_per_sync=pcfg.steps_per_sync)
+
+    def iteration(i, state, queued=None, queue_next=False):
+        with jax.profiler.TraceAnnotation(f"ppo iteration {i}"):  # its span in a profile (bench profile)
+            return _iteration(i, state, queued, queue_next)
+
+    def _iteration(i, state, queued, queue_next):
         t0 = time.perf_counter()
-        view = state["trainable"]  # as the trainer: the carry layout's weights as they lie when resident
-        gen = generate(view["model"], mcfg, q_tok, q_mask, kk, max_new_tokens=N,
-                       top_k=top_k, top_p=top_p, fixed_length=True, eos_token_id=[], mesh=msh,
-                       steps_per_sync=pcfg.steps_per_sync)
+        kk, gen = queued or start_rollout(i, state)
         jax.block_until_ready(gen.tokens)
         t1 = time.perf_counter()
         tokens = parallel.put_batch(jnp.concatenate([parallel.put_batch(q_tok, msh), gen.tokens], axis=1), msh)
         scores = jax.block_until_ready(reward(tokens))
         t2 = time.perf_counter()
         mask, resp = parallel.put_batch((np.ones(tokens.shape, np.int32), np.ones((B, N), np.float32)), msh)
-        lp, v, rlp, klf = score_fn(view, ref, tokens, mask, key)
-        del view
+        lp, v, rlp, klf = score_fn(state["trainable"], ref, tokens, mask, key)
         adv, ret, vals, _ = ppo.compute_advantages(key, scores, lp, rlp, v, resp, jnp.float32(0.2), klf)
         batch = parallel.put_batch({"tokens": tokens, "mask": mask, "resp_mask": resp, "logprobs": lp,
                                     "values": vals, "advantages": adv, "returns": ret}, msh)
         state, stats = update_fn(state, batch, kk, None)
+        queued = start_rollout(i + 1, state) if queue_next else None  # runs after the update on the device
         jax.block_until_ready(stats)
         t3 = time.perf_counter()
-        return state, (t1 - t0, t2 - t1, t3 - t2), (tokens, mask, batch)
+        return state, (t1 - t0, t2 - t1, t3 - t2), (tokens, mask, batch), queued
 
     t = time.perf_counter()
-    state, _, _ = iteration(0, state)  # compile
+    state, _, _, queued = iteration(0, state, queue_next=pipeline)  # compile
     compile_s = time.perf_counter() - t
     times = []
-    for i in range(repeats):
-        state, ph, last = iteration(i + 1, state)
+    for i in range(repeats):  # with pipeline, a phase's time is its device time plus the host's waits
+        state, ph, last, queued = iteration(i + 1, state, queued, queue_next=pipeline and i + 1 < repeats)
         times.append(ph)
     rollout, rew, upd = (float(np.median([x[j] for x in times])) for j in range(3))
     peak_mem = [peak_memory_bytes(d) or 0 for d in msh.local_devices]
@@ -154,7 +160,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
            "join_qkv": join_qkv, "join_gate_up": join_gate_up, "log_grad_norm": log_grad_norm,
            "fused_adam": ppo.use_fused_adam(key, loop_on, msh.size == 1),
            "fused_blocks": fused_blocks or block_name(ppo.default_fused_blocks(msh)),
-           "steps_per_sync": steps_per_sync, "resident": resident,
+           "steps_per_sync": steps_per_sync, "resident": resident, "pipeline": pipeline,
            "peak_mem_gb": max(peak_mem) / 1e9, "peak_mem_gb_per_device": [m / 1e9 for m in peak_mem],
            **device_info()}
     stacked = carry.to_stacked(state) if resident else state
@@ -163,7 +169,7 @@ def bench_setting(name: str, model: str = "gpt2-medium", repeats: int = 3, seed:
             stacked = jax.tree_util.tree_map(jnp.copy, state)
         import cProfile
         prof = cProfile.Profile()
-        state, _, _ = prof.runcall(iteration, repeats + 1, state)
+        state = prof.runcall(iteration, repeats + 1, state)[0]
         prof.dump_stats(host_profile)
     del state
     # the weights and Adam moments after the last iteration, bit for bit: runs of the same setting
@@ -248,6 +254,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                    flag_values=fv)
     _f.DEFINE_string("host_profile", "", "write cProfile statistics of one more iteration to this file "
                      "(host time per call; with several settings, the last one's)", flag_values=fv)
+    _f.DEFINE_bool("pipeline", False, "queue the next rollout behind the update before waiting for its "
+                   "statistics (default off, the trainer's order: each rollout dispatched after the last "
+                   "update finished)", flag_values=fv)
     from jaxrl_sparse.rl.ppo import PPOConfig
     _f.DEFINE_integer("steps_per_sync", PPOConfig.steps_per_sync, "the trainer's --steps_per_sync: rollout "
                       "decode steps per loop test", flag_values=fv)
@@ -265,7 +274,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                             small_below=fv.small_below, join_qkv=fv.join_qkv, join_gate_up=fv.join_gate_up,
                             log_grad_norm=fv.log_grad_norm, fused_adam=fv.fused_adam,
                             fused_blocks=fv.fused_blocks, steps_per_sync=fv.steps_per_sync,
-                            resident=fv.resident, host_profile=fv.host_profile)
+                            resident=fv.resident, host_profile=fv.host_profile, pipeline=fv.pipeline)
         rows.append(row)
         append_jsonl(fv.out or None, {"bench": "ppo", **row})
     print(markdown_table(rows, [("setting", "setting"), ("batch", "B"), ("mini_batch", "mb"),

@@ -13,6 +13,10 @@ bound work as few long ones. Compile time is host work and does not appear on de
 `--profile_top=N` rows per line; `--profile_out=F.json` writes the tables as JSON;
 `--profile_warmup` runs the benchmark once untraced first, so compilation and XLA's gemm
 autotuning (which run kernels on the device) stay out of the tables.
+`--profile_span=PREFIX` (e.g. `ppo iteration`, the span `launch.bench ppo` annotates each
+iteration with): for the last host span whose name starts with PREFIX, the device's busy time in it
+and each stretch > 0.1 ms with no kernel running, beside what the annotating thread was inside then
+(its innermost host events: e.g. a jitted call re-recording its CUDA graph, `command_buffer::update`).
 `--profile_hlo=DIR` names each kernel's HLO op (module and JAX op path, e.g. `jit(update)/.../
 mlp/down_proj/dot_general`) from XLA's optimized-HLO dumps in DIR; make them with
 `XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text"` on the same command. Library kernels
@@ -66,6 +70,64 @@ def aggregate(xplane_path: str, device_prefix: Optional[str] = None) -> Dict[str
                 "busy_ms": sum(tot.values()) / 1e6, "events": n, "span_ms": (t1 - t0) / 1e6,
                 "top": [(k, cnt[k], v / 1e6) for k, v in top]}
     return out
+
+
+def busy_and_gaps(intervals, start: int, end: int, min_gap_ns: int = 100_000):
+    """(busy ns, [(gap start, gap end)]) of [start, end) covered by the union of (start, end) intervals
+    (any order, overlapping, possibly reaching outside the window); gaps shorter than min_gap_ns are
+    not listed but do not count as busy."""
+    busy, gaps, cur = 0, [], start
+    for a, b in sorted((max(a, start), min(b, end)) for a, b in intervals if b > start and a < end):
+        if a - cur >= min_gap_ns:
+            gaps.append((cur, a))
+        if b > cur:
+            busy += b - max(a, cur)
+            cur = b
+    if end - cur >= min_gap_ns:
+        gaps.append((cur, end))
+    return busy, gaps
+
+
+def innermost(events, a: int, b: int, n: int = 3) -> List[str]:
+    """Names of the n shortest (name, start, end) events overlapping [a, b) that are longer than 30 µs:
+    on one thread's nested events, what that thread was doing most specifically then."""
+    hit = sorted((t - s, name) for name, s, t in events if s < b and t > a and t - s > 30_000)
+    return [name for _, name in hit[:n]]
+
+
+def span_report(xplane_path: str, prefix: str, device_prefix: str = "/device:") -> Dict[str, Any]:
+    """Where the device idles in the last host span named prefix* (a `jax.profiler.TraceAnnotation`):
+    {span, span_ms, kernels, busy_ms, idle_ms, gaps: [{at_ms, ms, host: [innermost events]}]}, gaps
+    ordered by start. Device timelines are the first device plane's stream lines."""
+    from jax.profiler import ProfileData
+    planes = list(ProfileData.from_file(xplane_path).planes)
+    spans = []
+    for plane in planes:
+        if plane.name.startswith("/host:"):
+            for line in plane.lines:
+                ev = [(e.name, e.start_ns, e.end_ns) for e in line.events]
+                spans += [(s, t, name, ev) for name, s, t in ev if name.startswith(prefix)]
+    if not spans:
+        raise UserError(f"--profile_span: no host event named {prefix!r}* in the trace; name one the "
+                        f"benchmark annotates (e.g. 'ppo iteration')")
+    S, T, name, thread = max(spans, key=lambda x: x[0])
+    dev = next((p for p in planes if p.name.startswith(device_prefix)), None)
+    if dev is None:
+        raise UserError("--profile_span: the trace has no device timeline (it needs an accelerator)")
+    kernels = [(e.start_ns, e.end_ns) for line in dev.lines if "Stream" in line.name for e in line.events]
+    busy, gaps = busy_and_gaps(kernels, S, T)
+    return {"span": name, "span_ms": (T - S) / 1e6, "kernels": sum(S <= a < T for a, _ in kernels),
+            "busy_ms": busy / 1e6, "idle_ms": sum(b - a for a, b in gaps) / 1e6,
+            "gaps": [{"at_ms": (a - S) / 1e6, "ms": (b - a) / 1e6, "host": innermost(thread, a, b)}
+                     for a, b in gaps]}
+
+
+def print_span(r: Dict[str, Any]) -> None:
+    print(f"\n## {r['span']}: {r['span_ms']:.2f} ms, {r['kernels']} kernels, device busy {r['busy_ms']:.2f} ms, "
+          f"idle {r['idle_ms']:.2f} ms in {len(r['gaps'])} gaps > 0.1 ms")
+    print("| at ms | idle ms | the host thread inside |\n|---|---|---|")
+    for g in r["gaps"]:
+        print(f"| {g['at_ms']:.2f} | {g['ms']:.2f} | {' < '.join(h[:60] for h in g['host'])} |")
 
 
 def latest_trace(trace_dir: str) -> Optional[str]:
@@ -124,7 +186,7 @@ def print_tables(tables: Dict[str, Dict[str, Any]], top: int = 25) -> None:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
     argv = list(argv or [])
     opts = {"--profile_dir": None, "--profile_top": "25", "--profile_out": None, "--profile_warmup": None,
-            "--profile_hlo": None}
+            "--profile_hlo": None, "--profile_span": None}
     rest = []
     for a in argv:
         k, _, v = a.partition("=")
@@ -155,12 +217,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
         if path is None:
             raise UserError(f"the profiler wrote no trace under {trace_dir}; check that the profiler works here")
         tables = aggregate(path)
+        span = span_report(path, opts["--profile_span"]) if opts["--profile_span"] else None
     finally:
         if not keep:  # tens of MB a trace: a temporary one is never left behind
             shutil.rmtree(trace_dir, ignore_errors=True)
     if opts["--profile_hlo"]:
         tables = annotate(tables, hlo_ops(opts["--profile_hlo"]))
     print_tables(tables, int(opts["--profile_top"]))
+    if span is not None:
+        print_span(span)
+        tables = {**tables, "span": span}
     if opts["--profile_out"]:
         with open(opts["--profile_out"], "w", encoding="utf-8") as f:
             json.dump(tables, f)
