@@ -64,13 +64,8 @@ def test_ppo_bench_small_with_update_breakdown(tmp_path):
     assert len(row["state_digest"]) == 16  # the state after the run, bit for bit (`common.tree_digest`)
     with pytest.raises(UserError, match="unknown 'nope'"):
         bench_ppo.main(["--settings=nope"])
-
-
-def test_ppo_bench_pipelined_rollouts_compute_the_same_state():
-    from jaxrl_sparse.bench import ppo as bench_ppo
     # the next rollout queued behind the update or dispatched after it (the trainer's order): same work
-    on, off = (bench_ppo.main(["--settings=small", "--repeats=2", "--layer_loop=on", f"--{p}pipeline"])[0]
-               for p in ("", "no"))
+    on, off = bench_ppo.main(["--settings=small", "--repeats=1", "--layer_loop=on", "--pipeline"])[0], row
     assert on["pipeline"] and not off["pipeline"]
     assert on["state_digest"] == off["state_digest"]
 

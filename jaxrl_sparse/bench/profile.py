@@ -16,7 +16,8 @@ autotuning (which run kernels on the device) stay out of the tables.
 `--profile_span=PREFIX` (e.g. `ppo iteration`, the span `launch.bench ppo` annotates each
 iteration with): for the last host span whose name starts with PREFIX, the device's busy time in it
 and each stretch > 0.1 ms with no kernel running, beside what the annotating thread was inside then
-(its innermost host events: e.g. a jitted call re-recording its CUDA graph, `command_buffer::update`).
+(its innermost host events: e.g. a jitted call re-recording its CUDA graph, `command_buffer::update`);
+`--profile_out` then holds that report under "span" beside the tables.
 `--profile_hlo=DIR` names each kernel's HLO op (module and JAX op path, e.g. `jit(update)/.../
 mlp/down_proj/dot_general`) from XLA's optimized-HLO dumps in DIR; make them with
 `XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text"` on the same command. Library kernels
@@ -226,8 +227,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
     print_tables(tables, int(opts["--profile_top"]))
     if span is not None:
         print_span(span)
-        tables = {**tables, "span": span}
     if opts["--profile_out"]:
         with open(opts["--profile_out"], "w", encoding="utf-8") as f:
-            json.dump(tables, f)
+            json.dump({**tables, **({"span": span} if span is not None else {})}, f)
     return tables
